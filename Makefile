@@ -1,0 +1,28 @@
+# Two entry points for a fresh machine (see README): `make quickstart` and `make test`.
+# Both create .venv if it is missing and install dpldm into it (re-installed when pyproject.toml changes).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# Never touch the network for weights or runs: hub lookups fail fast, W&B stays local.
+export HF_HUB_OFFLINE ?= 1
+export WANDB_MODE ?= offline
+
+.PHONY: install quickstart test bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+quickstart: $(STAMP)
+	$(BIN)/dpldm quickstart
+
+test: $(STAMP)
+	WANDB_MODE=disabled $(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,3 @@
+from dpldm.cli import main
+
+main()

@@ -1,0 +1,57 @@
+"""Sample grids during and after training: the first thing people look at."""
+
+from __future__ import annotations
+
+import os
+
+import lightning.pytorch as L
+import torch
+from lightning.pytorch.loggers import WandbLogger
+
+from dpldm.utils.images import save_grid
+
+
+def grid_conditions(model: L.LightningModule, per_class: int, prompts: list[str] | None) -> tuple[object, int]:
+    """The conditions of a sample grid and its row length: per_class samples of every class, or prompts."""
+    if prompts:
+        return [p for p in prompts for _ in range(per_class)], per_class
+    num_classes = model.conditioner.num_classes
+    return torch.arange(num_classes, device=model.device).repeat(per_class), num_classes  # a column per class
+
+
+class SampleGrid(L.Callback):
+    """Writes a PNG grid of guided DDIM samples every ``every_n_epochs`` and at the end of training.
+
+    Args:
+        per_class: samples per class (or per prompt).
+        prompts: captions for text-conditional models.
+        every_n_epochs: 0 = only at the end.
+        num_steps: DDIM steps (``None``: the model's default).
+        guidance_scale: ``None``: the model's default.
+        seed: initial-noise seed, the same for every grid so they can be compared.
+    """
+
+    def __init__(self, per_class: int = 8, prompts: list[str] | None = None, every_n_epochs: int = 0,
+                 num_steps: int | None = None, guidance_scale: float | None = None, seed: int = 0):
+        self.per_class, self.prompts, self.every_n_epochs = per_class, prompts, every_n_epochs
+        self.num_steps, self.guidance_scale, self.seed = num_steps, guidance_scale, seed
+        self.last_path: str | None = None
+
+    def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str) -> None:
+        cond, nrow = grid_conditions(pl_module, self.per_class, self.prompts)
+        gen = torch.Generator(pl_module.device).manual_seed(self.seed)
+        images = pl_module.sample(cond, self.guidance_scale, self.num_steps, generator=gen)
+        root = trainer.log_dir or trainer.default_root_dir
+        self.last_path = save_grid(images, os.path.join(root, "samples", f"{name}.png"), nrow)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image("samples", [self.last_path], step=trainer.global_step)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        epoch = trainer.current_epoch + 1
+        if self.every_n_epochs and epoch % self.every_n_epochs == 0 and trainer.is_global_zero:
+            self._write(trainer, pl_module, f"epoch{epoch:04d}")
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self._write(trainer, pl_module, "final")

@@ -1,0 +1,59 @@
+"""The ``dpldm`` command: a LightningCLI (``fit/validate/test/predict`` from YAML configs with
+``class_path``/``init_args``), plus ``dpldm quickstart``.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import lightning.pytorch as L
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger
+
+
+# The frozen autoencoder and text encoder are in eval mode on purpose.
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
+
+
+class DPLDMCLI(LightningCLI):
+    """LightningCLI with dpldm's defaults: any LightningModule / DataModule by ``class_path``,
+    OmegaConf interpolation in configs, and the run's config saved next to its logs.
+    """
+
+    def __init__(self, args: list[str] | None = None, run: bool = True):
+        super().__init__(
+            L.LightningModule,
+            L.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            parser_kwargs={"parser_mode": "omegaconf"},
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,
+            seed_everything_default=0,
+            args=args,
+            run=run,
+        )
+
+    def instantiate_trainer(self, **kwargs: object) -> L.Trainer:
+        # CSV logs by default, next to checkpoints, whatever loggers happen to be installed.
+        trainer_cfg = self._get(self.config_init, "trainer", default={})
+        if trainer_cfg.get("logger") in (None, True):
+            root = trainer_cfg.get("default_root_dir") or "."
+            trainer_cfg["logger"] = CSVLogger(save_dir=root, name="logs")
+        return super().instantiate_trainer(**kwargs)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``dpldm`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "quickstart":
+        from dpldm.quickstart import main as quickstart
+
+        quickstart(argv[1:])
+        return
+    DPLDMCLI(args=argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""The autoencoder of latent diffusion (Rombach et al., 2022), frozen during diffusion training.
+
+Two builders give a diffusers ``AutoencoderKL``: :func:`build_autoencoder` (fresh, from a small typed
+config, for public stage-1 training) and :func:`load_autoencoder` (``from_pretrained``). Either is
+wrapped by :class:`FrozenAutoencoder`, which the diffusion model uses: no gradients, always in eval
+mode, latents scaled by a factor that comes from the public model's config, never from private data.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKL
+from torch import Tensor, nn
+
+from dpldm.modules.hub import load_pretrained
+
+
+def build_autoencoder(
+    in_channels: int = 3,
+    latent_channels: int = 4,
+    block_out_channels: tuple[int, ...] = (64, 128, 128),
+    layers_per_block: int = 1,
+    norm_num_groups: int = 32,
+    scaling_factor: float = 1.0,
+) -> AutoencoderKL:
+    """A fresh KL-regularised autoencoder; downsampling factor f = 2^(len(block_out_channels) - 1).
+
+    Args:
+        in_channels: image channels (1 for grey digits, 3 for RGB).
+        latent_channels: channels of the latent z.
+        block_out_channels: widths of the encoder blocks, one per resolution.
+        layers_per_block: ResNet layers in each block.
+        norm_num_groups: GroupNorm groups (must divide every width).
+        scaling_factor: latent scale; stage 1 overwrites it from public data when it exports.
+    """
+    n = len(block_out_channels)
+    return AutoencoderKL(
+        in_channels=in_channels,
+        out_channels=in_channels,
+        latent_channels=latent_channels,
+        block_out_channels=block_out_channels,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        layers_per_block=layers_per_block,
+        norm_num_groups=norm_num_groups,
+        scaling_factor=scaling_factor,
+    )
+
+
+def load_autoencoder(path: str, subfolder: str | None = None) -> AutoencoderKL:
+    """A pretrained ``AutoencoderKL`` from a local diffusers directory or a hub id.
+
+    Args:
+        path: directory (e.g. ``runs/quickstart/autoencoder/pretrained``) or hub id
+            (e.g. ``stabilityai/sd-vae-ft-mse``).
+        subfolder: subfolder inside ``path`` (``vae`` for a Stable Diffusion pipeline repo).
+    """
+    return load_pretrained(
+        AutoencoderKL.from_pretrained, path, "model.init_args.autoencoder.init_args.vae.init_args.path",
+        "autoencoder", subfolder,
+    )
+
+
+class FrozenAutoencoder(nn.Module):
+    """A public autoencoder that diffusion training never changes.
+
+    Args:
+        vae: the autoencoder (from :func:`load_autoencoder` or :func:`build_autoencoder`).
+        scale_factor: latent scale; ``None`` takes ``vae.config.scaling_factor`` (public).
+        sample_posterior: encode to a sample of q(z|x) rather than its mean.
+    """
+
+    def __init__(self, vae: AutoencoderKL, scale_factor: float | None = None, sample_posterior: bool = False):
+        super().__init__()
+        self.vae = vae.requires_grad_(False).eval()
+        self.scale_factor = float(vae.config.scaling_factor if scale_factor is None else scale_factor)
+        self.sample_posterior = sample_posterior
+        self.eval()
+
+    def train(self, mode: bool = True) -> "FrozenAutoencoder":
+        # Frozen means eval mode always, whatever Lightning asks for (no dropout, no norm-stat updates).
+        return super().train(False)
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.vae.config.latent_channels
+
+    @property
+    def in_channels(self) -> int:
+        return self.vae.config.in_channels
+
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> Tensor:
+        """images [B, C, H, W] in [-1, 1] -> scaled latents [B, c, H/f, W/f]."""
+        posterior = self.vae.encode(images).latent_dist
+        z = posterior.sample() if self.sample_posterior else posterior.mode()
+        return z * self.scale_factor
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        """scaled latents [B, c, h, w] -> images [B, C, h*f, w*f], clamped to [-1, 1]."""
+        return self.vae.decode(latents / self.scale_factor).sample.clamp(-1, 1)

@@ -1,0 +1,213 @@
+"""The latent diffusion LightningModule (Rombach et al., 2022): a denoiser trained in the latent space
+of a frozen public autoencoder, conditioned through cross-attention.
+
+Parts are injected as objects (LightningCLI ``class_path``/``init_args``): the UNet, the frozen
+autoencoder, the conditioner, the noise schedule, how t is drawn and how the loss is weighted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import lightning.pytorch as L
+import torch
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from diffusers.training_utils import EMAModel
+from lightning.pytorch.cli import OptimizerCallable
+from torch import Tensor
+
+from dpldm.errors import ConfigError
+from dpldm.modules.autoencoder import FrozenAutoencoder
+from dpldm.modules.conditioning import Conditioner
+from dpldm.modules.loss import LossWeighting, TimestepSampler, UniformTimesteps, UnitWeighting, denoising_loss
+from dpldm.modules.sampling import sample_latents
+from dpldm.modules.unet import unet_downsample_factor
+
+
+def ldm_noise_schedule() -> DDPMScheduler:
+    """The schedule of LDM/Stable Diffusion: 1000 steps, scaled-linear betas 0.00085 -> 0.012."""
+    return DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False)
+
+
+def _adamw(params: Iterator[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+
+
+class LatentDiffusion(L.LightningModule):
+    """Conditional latent diffusion: training loss, EMA, guided DDIM sampling.
+
+    Args:
+        unet: the denoiser (``dpldm.modules.unet.build_unet`` or ``load_unet``).
+        autoencoder: the frozen public autoencoder.
+        conditioner: class embedder (trained) or text encoder (frozen).
+        noise_scheduler: forward process and prediction type (``epsilon`` or ``v_prediction``);
+            default: LDM's scaled-linear schedule.
+        timesteps: how training timesteps are drawn; default uniform.
+        weighting: loss weight per timestep; default 1.
+        noise_draws: K (t, noise) draws per example, averaged into one per-example loss.
+        cond_drop_prob: probability of replacing the condition by the null one (for guidance).
+        ema_decay: keep an exponential moving average of the trained weights (``None``: off).
+        optimizer: optimizer factory over the trainable parameters.
+        guidance_scale: classifier-free guidance scale used by :meth:`sample`.
+        sampling_steps: DDIM steps used by :meth:`sample`.
+    """
+
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        autoencoder: FrozenAutoencoder,
+        conditioner: Conditioner,
+        noise_scheduler: DDPMScheduler | None = None,
+        timesteps: TimestepSampler | None = None,
+        weighting: LossWeighting | None = None,
+        noise_draws: int = 1,
+        cond_drop_prob: float = 0.1,
+        ema_decay: float | None = None,
+        optimizer: OptimizerCallable = _adamw,
+        guidance_scale: float = 3.0,
+        sampling_steps: int = 50,
+    ):
+        super().__init__()
+        self.unet, self.autoencoder, self.conditioner = unet, autoencoder, conditioner
+        self.noise_scheduler = noise_scheduler or ldm_noise_schedule()
+        self.timesteps = timesteps or UniformTimesteps()
+        self.weighting = weighting or UnitWeighting()
+        self.noise_draws, self.cond_drop_prob = noise_draws, cond_drop_prob
+        self.optimizer_factory = optimizer
+        self.guidance_scale, self.sampling_steps = guidance_scale, sampling_steps
+        self._check_parts()
+        self.ema = EMAModel(self.trainable_parameters(), decay=ema_decay, use_ema_warmup=True) if ema_decay else None
+
+    # --- checks that need only the parts (run at construction, before any data is read) ---
+    def _check_parts(self) -> None:
+        cfg = self.unet.config
+        if self.conditioner.embed_dim != cfg.cross_attention_dim:
+            raise ConfigError(
+                "model.init_args.unet.init_args.cross_attention_dim", cfg.cross_attention_dim,
+                f"must equal the conditioner's token width embed_dim = {self.conditioner.embed_dim}")
+        if self.autoencoder.latent_channels != cfg.in_channels:
+            raise ConfigError(
+                "model.init_args.unet.init_args.in_channels", cfg.in_channels,
+                f"must equal the autoencoder's latent_channels = {self.autoencoder.latent_channels}")
+        if self.noise_draws < 1:
+            raise ConfigError("model.init_args.noise_draws", self.noise_draws, "must be >= 1")
+        if not 0 <= self.cond_drop_prob < 1:
+            raise ConfigError("model.init_args.cond_drop_prob", self.cond_drop_prob, "must be in [0, 1)")
+
+    # --- checks against the data (run in setup, before the first step) ---
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule if self.trainer is not None else None
+        if dm is not None:
+            check_data_compatible(self, dm)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        size = self.unet.config.sample_size
+        return (self.unet.config.in_channels, size, size)
+
+    # --- training ---
+    def per_example_loss(self, batch: dict) -> Tensor:
+        """Denoising loss per example [B] (mean over the K noise draws)."""
+        latents = self.autoencoder.encode(batch["image"])  # [B, c, h, w]
+        cond = batch[self.conditioner.input_key]
+        if self.training and self.cond_drop_prob > 0:
+            drop = torch.rand(len(cond), device=latents.device) < self.cond_drop_prob
+            cond = self.conditioner.drop(cond, drop)
+        context = self.conditioner(cond)  # [B, T, D]
+        return denoising_loss(self.unet, latents, context, self.noise_scheduler, self.timesteps,
+                              self.weighting, self.noise_draws)
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        loss = self.per_example_loss(batch).mean()
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["image"]))
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        loss = self.per_example_loss(batch).mean()
+        self.log("val/loss", loss, prog_bar=True, batch_size=len(batch["image"]))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return self.optimizer_factory(self.trainable_parameters())
+
+    def on_train_batch_end(self, outputs: object, batch: dict, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.to(self.device)
+            self.ema.step(self.trainable_parameters())
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.ema is not None:
+            checkpoint["ema"] = self.ema.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.ema is not None and "ema" in checkpoint:
+            self.ema.load_state_dict(checkpoint["ema"])
+
+    @contextlib.contextmanager
+    def ema_weights(self) -> Iterator[None]:
+        """Temporarily swap the EMA weights in (no-op without EMA)."""
+        if self.ema is None:
+            yield
+            return
+        params = self.trainable_parameters()
+        self.ema.to(self.device)
+        self.ema.store(params)
+        self.ema.copy_to(params)
+        try:
+            yield
+        finally:
+            self.ema.restore(params)
+
+    # --- sampling and export ---
+    @torch.no_grad()
+    def sample(self, cond: object, guidance_scale: float | None = None, num_steps: int | None = None,
+               generator: torch.Generator | None = None, progress: bool = False) -> Tensor:
+        """Images [B, C, H, W] in [-1, 1] for a batch of conditions (EMA weights if kept)."""
+        was_training = self.training
+        self.eval()
+        with self.ema_weights():
+            z = sample_latents(self.unet, self.conditioner, cond, self.noise_scheduler, self.latent_shape,
+                               num_steps or self.sampling_steps,
+                               self.guidance_scale if guidance_scale is None else guidance_scale,
+                               generator=generator, progress=progress)
+            images = self.autoencoder.decode(z)
+        self.train(was_training)
+        return images
+
+    def export_pretrained(self, dirpath: str) -> None:
+        """Write the UNet (EMA weights if kept) in diffusers format to ``dirpath/unet``."""
+        with self.ema_weights():
+            self.unet.save_pretrained(os.path.join(dirpath, "unet"))
+
+
+def check_data_compatible(model: LatentDiffusion, dm: object) -> None:
+    """Fail before training when the data cannot go through the model.
+
+    Args:
+        model: the diffusion model.
+        dm: a DataModule exposing ``image_size``, ``channels`` and (for labels) ``num_classes``.
+    """
+    ae, size = model.autoencoder, getattr(dm, "image_size", None)
+    if size is not None:
+        if size % ae.downsample_factor:
+            raise ConfigError("data.init_args.image_size", size,
+                              f"must be a multiple of the autoencoder's downsampling factor {ae.downsample_factor}")
+        latent, need = size // ae.downsample_factor, unet_downsample_factor(model.unet)
+        if latent % need:
+            raise ConfigError("data.init_args.image_size", size,
+                              f"gives {latent}x{latent} latents; the UNet needs a multiple of {need}")
+        if latent != model.unet.config.sample_size:
+            raise ConfigError("model.init_args.unet.init_args.sample_size", model.unet.config.sample_size,
+                              f"must equal the latent size image_size / f = {size} / {ae.downsample_factor} = {latent}")
+    channels = getattr(dm, "channels", None)
+    if channels is not None and channels != ae.in_channels:
+        raise ConfigError("data.init_args.channels", channels,
+                          f"the autoencoder takes {ae.in_channels}-channel images")
+    classes, model_classes = getattr(dm, "num_classes", None), getattr(model.conditioner, "num_classes", None)
+    if classes is not None and model_classes is not None and classes != model_classes:
+        raise ConfigError("model.init_args.conditioner.init_args.num_classes", model_classes,
+                          f"must equal the data's number of classes ({classes})")

@@ -1,0 +1,97 @@
+"""The denoising loss of DDPM (Ho et al., 2020) in latent space, one value per example.
+
+Returning a per-example loss [B] (never a batch mean) is what DP-SGD needs: with K noise/timestep
+draws per example, the K losses are averaged into one per-example loss, and that example's whole
+gradient is clipped once (Lyu et al., DP-LDM). Each design choice is a tiny swappable class
+(timestep sampling, loss weighting), in the spirit of Stability-AI's generative-models.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import DDPMScheduler
+from torch import Tensor
+
+
+class TimestepSampler:
+    """Draws training timesteps t in [0, num_train_timesteps)."""
+
+    def __call__(self, n: int, num_train_timesteps: int, device: torch.device) -> Tensor:  # -> [n] long
+        raise NotImplementedError
+
+
+class UniformTimesteps(TimestepSampler):
+    """t ~ U{0, ..., T-1}, as in DDPM and LDM."""
+
+    def __call__(self, n: int, num_train_timesteps: int, device: torch.device) -> Tensor:
+        return torch.randint(0, num_train_timesteps, (n,), device=device)
+
+
+class LossWeighting:
+    """A weight w(t) per draw multiplying its squared error."""
+
+    def __call__(self, t: Tensor, scheduler: DDPMScheduler) -> Tensor:  # [n] -> [n]
+        raise NotImplementedError
+
+
+class UnitWeighting(LossWeighting):
+    """w(t) = 1: the "simple" loss of DDPM."""
+
+    def __call__(self, t: Tensor, scheduler: DDPMScheduler) -> Tensor:
+        return torch.ones(t.shape, device=t.device)
+
+
+class MinSNRWeighting(LossWeighting):
+    """Min-SNR-gamma (Hang et al., 2023): w = min(SNR(t), gamma) / SNR(t) for epsilon targets,
+    min(SNR, gamma) / (SNR + 1) for v targets.
+
+    Args:
+        gamma: the SNR cap (5 in the paper).
+    """
+
+    def __init__(self, gamma: float = 5.0):
+        self.gamma = gamma
+
+    def __call__(self, t: Tensor, scheduler: DDPMScheduler) -> Tensor:
+        alpha_bar = scheduler.alphas_cumprod.to(t.device)[t]
+        snr = alpha_bar / (1 - alpha_bar)
+        denom = snr + 1 if scheduler.config.prediction_type == "v_prediction" else snr
+        return snr.clamp(max=self.gamma) / denom
+
+
+def denoising_loss(
+    unet: torch.nn.Module,
+    latents: Tensor,
+    context: Tensor,
+    scheduler: DDPMScheduler,
+    timesteps: TimestepSampler,
+    weighting: LossWeighting,
+    noise_draws: int = 1,
+) -> Tensor:
+    """Per-example loss: the mean over K (t, noise) draws of w(t) * ||target - net(z_t, t, c)||^2 / dim.
+
+    Args:
+        unet: denoiser, called as ``unet(z_t, t, encoder_hidden_states=c).sample``.
+        latents: clean latents z_0 [B, c, h, w].
+        context: conditioning tokens [B, T, D].
+        scheduler: the forward process (betas, prediction type).
+        timesteps: how t is drawn.
+        weighting: w(t).
+        noise_draws: K draws per example.
+
+    Returns:
+        Loss per example [B].
+    """
+    b = latents.shape[0]
+    z0 = latents.repeat_interleave(noise_draws, 0)  # [B*K, c, h, w], draws of one example adjacent
+    ctx = context.repeat_interleave(noise_draws, 0)  # [B*K, T, D]
+    t = timesteps(z0.shape[0], scheduler.config.num_train_timesteps, z0.device)  # [B*K]
+    noise = torch.randn_like(z0)
+    z_t = scheduler.add_noise(z0, noise, t)
+    if scheduler.config.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(z0, noise, t)
+    else:
+        target = noise
+    pred = unet(z_t, t, encoder_hidden_states=ctx).sample
+    per_draw = (pred.float() - target.float()).pow(2).flatten(1).mean(1) * weighting(t, scheduler)  # [B*K]
+    return per_draw.view(b, noise_draws).mean(1)  # [B]

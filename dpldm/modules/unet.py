@@ -1,0 +1,77 @@
+"""The denoiser: a diffusers ``UNet2DConditionModel`` with cross-attention to the conditioning tokens.
+
+:func:`build_unet` makes one from a small typed config; :func:`load_unet` loads a pretrained one. The
+attention modules of this UNet (its ``Transformer2DModel`` blocks) are what DP-LDM fine-tunes.
+"""
+
+from __future__ import annotations
+
+from diffusers import UNet2DConditionModel
+
+from dpldm.modules.hub import load_pretrained
+
+
+def build_unet(
+    sample_size: int = 8,
+    in_channels: int = 4,
+    block_out_channels: tuple[int, ...] = (64, 128),
+    attention: tuple[bool, ...] = (True, True),
+    layers_per_block: int = 1,
+    attention_head_dim: int = 8,
+    cross_attention_dim: int = 64,
+    transformer_layers_per_block: int = 1,
+    norm_num_groups: int = 32,
+    mid_block: bool = True,
+) -> UNet2DConditionModel:
+    """A fresh latent-space UNet; downsampling 2^(len(block_out_channels) - 1) over the latent.
+
+    Args:
+        sample_size: latent height/width (image size / autoencoder factor).
+        in_channels: latent channels (output has the same).
+        block_out_channels: widths, one per resolution.
+        attention: per resolution, whether its blocks carry a transformer (self + cross-attention).
+        layers_per_block: ResNet layers per block.
+        attention_head_dim: channels per attention head.
+        cross_attention_dim: width of the conditioning tokens (the conditioner's ``embed_dim``).
+        transformer_layers_per_block: transformer layers inside each attention block.
+        norm_num_groups: GroupNorm groups (must divide every width).
+        mid_block: add the middle block (ResNet + transformer + ResNet).
+    """
+    if len(attention) != len(block_out_channels):
+        from dpldm.errors import ConfigError
+
+        raise ConfigError("unet.attention", attention, f"needs one entry per block ({len(block_out_channels)})")
+    down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention)
+    up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention))
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=in_channels,
+        out_channels=in_channels,
+        down_block_types=down,
+        up_block_types=up,
+        mid_block_type="UNetMidBlock2DCrossAttn" if mid_block else None,
+        block_out_channels=block_out_channels,
+        layers_per_block=layers_per_block,
+        attention_head_dim=attention_head_dim,
+        cross_attention_dim=cross_attention_dim,
+        transformer_layers_per_block=transformer_layers_per_block,
+        norm_num_groups=norm_num_groups,
+    )
+
+
+def load_unet(path: str, subfolder: str | None = None) -> UNet2DConditionModel:
+    """A pretrained UNet from a local diffusers directory or a hub id.
+
+    Args:
+        path: directory (e.g. ``runs/quickstart/ldm/pretrained``) or hub id.
+        subfolder: subfolder inside ``path`` (``unet`` for a pipeline repo).
+    """
+    return load_pretrained(
+        UNet2DConditionModel.from_pretrained, path, "model.init_args.unet.init_args.path", "UNet",
+        subfolder or None,
+    )
+
+
+def unet_downsample_factor(unet: UNet2DConditionModel) -> int:
+    """How many times the UNet halves its input: the latent size must be a multiple of this."""
+    return 2 ** (len(unet.config.block_out_channels) - 1)

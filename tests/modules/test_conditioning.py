@@ -1,0 +1,49 @@
+import json
+
+import open_clip
+import pytest
+import torch
+
+from dpldm.modules import ClassEmbedder, OpenCLIPTextEncoder
+
+
+def test_class_embedder_tokens_and_null_class():
+    emb = ClassEmbedder(num_classes=3, embed_dim=8, num_tokens=4)
+    labels = torch.tensor([0, 2, 1])
+    assert emb(labels).shape == (3, 4, 8)
+    dropped = emb.drop(labels, torch.tensor([True, False, True]))
+    assert dropped.tolist() == [3, 2, 3]  # index num_classes is the null class
+    assert emb.null(2).tolist() == [3, 3]
+    # the null class has its own learned embedding, distinct from every real class
+    table = emb(torch.arange(4))
+    assert all(not torch.equal(table[3], table[i]) for i in range(3))
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_name(tmp_path_factory):
+    """A tiny open_clip architecture registered from a JSON config (random weights, no download)."""
+    cfg = {"embed_dim": 16,
+           "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 24, "heads": 2, "layers": 1}}
+    path = tmp_path_factory.mktemp("clip") / "dpldm-tiny-clip.json"
+    path.write_text(json.dumps(cfg))
+    open_clip.add_model_config(path)
+    return "dpldm-tiny-clip"
+
+
+def test_text_encoder_is_frozen_and_returns_tokens(tiny_clip_name):
+    enc = OpenCLIPTextEncoder(tiny_clip_name, pretrained=None)
+    assert enc.embed_dim == 24
+    assert not any(p.requires_grad for p in enc.parameters())
+    enc.train()
+    assert not enc.training
+    out = enc(["a red car", "a dog"])
+    assert out.shape == (2, 77, 24)
+    assert not torch.allclose(out[0], out[1])
+    assert enc.drop(["a", "b"], torch.tensor([True, False])) == ["", "b"]
+    assert enc.null(2) == ["", ""]
+
+
+def test_text_encoder_missing_checkpoint_names_the_key(tiny_clip_name, tmp_path):
+    with pytest.raises(FileNotFoundError, match="conditioner.init_args.checkpoint"):
+        OpenCLIPTextEncoder(tiny_clip_name, checkpoint=str(tmp_path / "missing.pt"))
