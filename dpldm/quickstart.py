@@ -79,11 +79,14 @@ def main(argv: list[str] | None = None) -> list[StageResult]:
     parser.add_argument("--configs", default=config_dir(), help="folder with the three stage configs")
     parser.add_argument("--stages", nargs="+", default=["autoencoder", "ldm", "finetune"],
                         choices=["autoencoder", "ldm", "finetune"], help="run only these stages (in order)")
-    parser.add_argument("--override", nargs=2, action="append", default=[], metavar=("STAGE", "ARG"),
-                        help="extra CLI argument for one stage, e.g. --override ldm --trainer.max_epochs=1")
+    parser.add_argument("--override", action="append", default=[], metavar="STAGE:ARG",
+                        help="extra CLI argument for one stage, e.g. --override ldm:--trainer.max_epochs=1")
     args = parser.parse_args(argv)
     extra: dict[str, list[str]] = {}
-    for stage, arg in args.override:
+    for item in args.override:
+        stage, sep, arg = item.partition(":")
+        if not sep or stage not in ("autoencoder", "ldm", "finetune"):
+            parser.error(f"--override {item!r}: expected STAGE:ARG with STAGE one of autoencoder, ldm, finetune")
         extra.setdefault(stage, []).append(arg)
     overrides = stage_overrides(args.out, extra)
     results = [run_stage(s, os.path.join(args.configs, f"{s}.yaml"), overrides[s]) for s in args.stages]

@@ -34,7 +34,7 @@ def load_pretrained(load: Callable[..., T], path: str, config_key: str, what: st
         PretrainedNotFoundError: the weights are neither on disk nor downloadable.
     """
     try:
-        return load(path, subfolder=subfolder)
+        return load(path, subfolder=subfolder, low_cpu_mem_usage=False)  # no `accelerate` needed
     except (OSError, ValueError, EnvironmentError) as err:  # hub errors derive from OSError/ValueError
         where = f"{path!r}" + (f" (subfolder {subfolder!r})" if subfolder else "")
         local = os.path.isdir(path)

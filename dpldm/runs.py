@@ -1,0 +1,38 @@
+"""Reload a finished run (its saved ``config.yaml`` + a checkpoint) for sampling or notebooks."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import lightning.pytorch as L
+import torch
+
+
+def _latest(pattern: str, what: str, run_dir: str) -> str:
+    found = sorted(glob.glob(pattern), key=os.path.getmtime)
+    if not found:
+        raise FileNotFoundError(f"no {what} under {run_dir!r} (looked for {pattern!r}); did the run finish?")
+    return found[-1]
+
+
+def load_run(run_dir: str, checkpoint: str | None = None) -> L.LightningModule:
+    """Rebuild a run's model from the ``config.yaml`` LightningCLI saved, and load its weights.
+
+    Args:
+        run_dir: the run's ``trainer.default_root_dir`` (e.g. ``runs/quickstart/finetune``).
+        checkpoint: a ``.ckpt`` file; default: the newest one of the run.
+
+    Returns:
+        The model in eval mode, on the CPU (EMA state restored when the run kept one).
+    """
+    from dpldm.cli import DPLDMCLI
+
+    config = _latest(os.path.join(run_dir, "logs", "version_*", "config.yaml"), "config.yaml", run_dir)
+    checkpoint = checkpoint or _latest(os.path.join(run_dir, "logs", "version_*", "checkpoints", "*.ckpt"),
+                                       "checkpoint", run_dir)
+    model = DPLDMCLI(args=["--config", config, "--trainer.logger=false"], run=False).model
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    model.load_state_dict(state["state_dict"])
+    model.on_load_checkpoint(state)
+    return model.eval()

@@ -1,0 +1,122 @@
+"""The quickstart chain, each stage a fast_dev_run fit on tiny models, then bad-input errors."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from dpldm import quickstart
+from dpldm.cli import DPLDMCLI
+from dpldm.errors import ConfigError
+
+AE = "autoencoder"
+TINY = {
+    AE: ["--trainer.fast_dev_run=true", "--model.init_args.vae.init_args.block_out_channels=[8,16,16]",
+         "--model.init_args.vae.init_args.norm_num_groups=4", "--model.init_args.scale_batches=2",
+         "--data.init_args.num_train=32", "--data.init_args.num_val=8", "--data.init_args.batch_size=8"],
+    "ldm": ["--trainer.fast_dev_run=true", "--model.init_args.unet.init_args.block_out_channels=[16,32]",
+            "--model.init_args.unet.init_args.attention_head_dim=8", "--model.init_args.unet.init_args.norm_num_groups=8",
+            "--model.init_args.unet.init_args.cross_attention_dim=16",
+            "--model.init_args.conditioner.init_args.embed_dim=16", "--model.init_args.sampling_steps=2",
+            "--data.init_args.num_train=32", "--data.init_args.num_val=8", "--data.init_args.batch_size=8"],
+    "finetune": ["--trainer.fast_dev_run=true", "--model.init_args.conditioner.init_args.embed_dim=16",
+                 "--model.init_args.sampling_steps=2", "--data.init_args.batch_size=8"],
+}
+
+
+def tiny_args(out) -> list[str]:
+    args = ["--out", str(out)]
+    for stage, overrides in TINY.items():
+        for o in overrides:
+            args.append(f"--override={stage}:{o}")
+    return args
+
+
+@pytest.fixture(scope="module")
+def quickstart_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quickstart")
+    return out, quickstart.main(tiny_args(out))
+
+
+def test_quickstart_runs_every_stage_and_writes_a_grid(quickstart_run, capsys):
+    out, results = quickstart_run
+    assert [r.name for r in results] == ["autoencoder", "ldm", "finetune"]
+    assert (out / "autoencoder" / "pretrained" / "config.json").exists()
+    assert (out / "ldm" / "pretrained" / "unet" / "config.json").exists()
+    grid = results[-1].grid
+    assert grid is not None and os.path.getsize(grid) > 0
+    text = quickstart.summary(results)
+    assert "finetune" in text and grid in text and "total" in text
+
+
+def test_exported_scale_factor_is_measured_on_public_data(quickstart_run):
+    import json
+
+    out, _ = quickstart_run
+    cfg = json.loads((out / "autoencoder" / "pretrained" / "config.json").read_text())
+    assert cfg["scaling_factor"] != 1.0 and cfg["scaling_factor"] > 0  # set by stage 1, not left at default
+
+
+def _finetune(out, *extra: str) -> DPLDMCLI:
+    cfg = os.path.join(quickstart.config_dir(), "finetune.yaml")
+    chain = quickstart.stage_overrides(str(out), {"finetune": TINY["finetune"]})["finetune"]
+    return DPLDMCLI(args=["fit", "--config", cfg, *chain, *extra])
+
+
+def test_frozen_autoencoder_unchanged_by_finetune(quickstart_run):
+    out, _ = quickstart_run
+    cli = _finetune(out)
+    from dpldm.modules import load_autoencoder
+
+    ref = load_autoencoder(str(out / "autoencoder" / "pretrained")).state_dict()
+    for k, v in cli.model.autoencoder.vae.state_dict().items():
+        assert torch.equal(v, ref[k]), k
+
+
+@pytest.mark.parametrize("extra, field", [
+    (["--data.init_args.image_size=30"], "data.init_args.image_size"),  # f = 4 does not divide 30
+    (["--model.init_args.conditioner.init_args.num_classes=7"], "num_classes"),
+])
+def test_mismatch_fails_before_training(quickstart_run, extra, field):
+    out, _ = quickstart_run
+    with pytest.raises(ConfigError, match=field):
+        _finetune(out, *extra)
+
+
+def test_unknown_config_key_is_rejected_by_name(quickstart_run, capsys):
+    out, _ = quickstart_run
+    with pytest.raises(SystemExit):
+        _finetune(out, "--model.init_args.no_such_option=1")
+    assert "no_such_option" in capsys.readouterr().err
+
+
+def test_missing_data_path_names_the_field(tmp_path, capsys):
+    cfg = os.path.join(os.path.dirname(quickstart.config_dir()), "cifar10", "finetune.yaml")
+    with pytest.raises((SystemExit, ValueError, FileNotFoundError)) as err:
+        DPLDMCLI(args=["--config", cfg, "--data.init_args.root", str(tmp_path / "nowhere"),
+                       "--data.init_args.download", "false"], run=False)
+    assert "data.init_args.root" in str(err.value) + capsys.readouterr().err
+
+
+def test_wandb_offline_run_needs_no_account(quickstart_run, monkeypatch, tmp_path):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    out, _ = quickstart_run
+    _finetune(out, "--trainer.fast_dev_run=false", "--trainer.max_steps=1", "--trainer.limit_val_batches=1",
+              "--trainer.logger=lightning.pytorch.loggers.WandbLogger", "--trainer.logger.init_args.offline=true",
+              f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.callbacks=[]")
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert runs and any(f.suffix == ".wandb" for f in runs[0].iterdir())
+
+
+def test_load_run_restores_the_trained_weights(quickstart_run):
+    from dpldm.runs import load_run
+
+    out, _ = quickstart_run
+    cli = _finetune(out, "--trainer.fast_dev_run=false", "--trainer.max_steps=1", "--trainer.limit_val_batches=1",
+                    "--trainer.callbacks=[]")
+    model = load_run(str(out / "finetune"))
+    for (k, v), ref in zip(model.state_dict().items(), cli.model.state_dict().values()):
+        assert torch.equal(v, ref.cpu()), k
