@@ -7,6 +7,7 @@ import os
 
 import lightning.pytorch as L
 import torch
+import yaml
 
 
 def _latest(pattern: str, what: str, run_dir: str) -> str:
@@ -31,7 +32,13 @@ def load_run(run_dir: str, checkpoint: str | None = None) -> L.LightningModule:
     config = _latest(os.path.join(run_dir, "logs", "version_*", "config.yaml"), "config.yaml", run_dir)
     checkpoint = checkpoint or _latest(os.path.join(run_dir, "logs", "version_*", "checkpoints", "*.ckpt"),
                                        "checkpoint", run_dir)
-    model = DPLDMCLI(args=["--config", config, "--trainer.logger=false"], run=False).model
+    with open(config) as f:
+        cfg = yaml.safe_load(f)
+    for key in ("ckpt_path", "weights_only"):  # arguments of `fit` itself, not of the objects
+        cfg.pop(key, None)
+    cfg["trainer"]["logger"] = False
+    cfg["trainer"]["callbacks"] = []
+    model = DPLDMCLI(args=cfg, run=False).model
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     model.load_state_dict(state["state_dict"])
     model.on_load_checkpoint(state)

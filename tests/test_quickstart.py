@@ -92,11 +92,10 @@ def test_unknown_config_key_is_rejected_by_name(quickstart_run, capsys):
     assert "no_such_option" in capsys.readouterr().err
 
 
-def test_missing_data_path_names_the_field(tmp_path, capsys):
-    cfg = os.path.join(os.path.dirname(quickstart.config_dir()), "cifar10", "finetune.yaml")
+def test_missing_data_path_names_the_field(quickstart_run, tmp_path, capsys):
+    out, _ = quickstart_run
     with pytest.raises((SystemExit, ValueError, FileNotFoundError)) as err:
-        DPLDMCLI(args=["--config", cfg, "--data.init_args.root", str(tmp_path / "nowhere"),
-                       "--data.init_args.download", "false"], run=False)
+        _finetune(out, "--data=dpldm.datamodules.CIFAR10DataModule", f"--data.init_args.root={tmp_path / 'nowhere'}")
     assert "data.init_args.root" in str(err.value) + capsys.readouterr().err
 
 
@@ -120,3 +119,20 @@ def test_load_run_restores_the_trained_weights(quickstart_run):
     model = load_run(str(out / "finetune"))
     for (k, v), ref in zip(model.state_dict().items(), cli.model.state_dict().values()):
         assert torch.equal(v, ref.cpu()), k
+
+
+def test_notebook_runs_on_a_finished_run(quickstart_run, monkeypatch):
+    import nbclient
+    import nbformat
+
+    out, _ = quickstart_run
+    run = out / "finetune"
+    if not list(run.glob("logs/version_*/checkpoints/*.ckpt")):  # fast_dev_run keeps no checkpoint
+        _finetune(out, "--trainer.fast_dev_run=false", "--trainer.max_steps=1", "--trainer.limit_val_batches=0",
+                  "--trainer.callbacks=[]")
+    monkeypatch.setenv("DPLDM_RUN", str(run))
+    monkeypatch.setenv("DPLDM_STEPS", "2")
+    path = os.path.join(os.path.dirname(quickstart.config_dir()), "..", "notebooks", "quickstart_samples.ipynb")
+    nb = nbformat.read(path, as_version=4)
+    nbclient.NotebookClient(nb, timeout=300, resources={"metadata": {"path": str(out)}}).execute()
+    assert any(o.get("output_type") == "display_data" for c in nb.cells if c.cell_type == "code" for o in c.outputs)
