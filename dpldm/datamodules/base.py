@@ -74,6 +74,8 @@ class ImageDataModule(pl.LightningDataModule):
     num_classes: int = 0
     channels: int = 0
     image_size: int = 0
+    # Set by a DP model before training (dpldm.privacy): Poisson-sample the training set with this seed.
+    poisson_seed: Optional[int] = None
 
     def __init__(self, batch_size: int = 64, num_workers: int = 0, seed: int = 0):
         super().__init__()
@@ -140,7 +142,11 @@ class ImageDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled loader over the training split."""
+        """Shuffled loader over the training split; Poisson-sampled in DP stages."""
+        if self.poisson_seed is not None:
+            from dpldm.privacy.sampling import poisson_loader
+
+            return poisson_loader(self._ensure("train"), self.batch_size, self.poisson_seed, self.num_workers)
         return self._loader(self._ensure("train"), shuffle=True)
 
     def val_dataloader(self) -> DataLoader:

@@ -24,6 +24,10 @@ from dpldm.modules.conditioning import Conditioner
 from dpldm.modules.loss import LossWeighting, TimestepSampler, UniformTimesteps, UnitWeighting, denoising_loss
 from dpldm.modules.sampling import sample_latents
 from dpldm.modules.unet import unet_downsample_factor
+from dpldm.privacy.engine import DPSGDEngine, fold_noise_draws, micro_batches
+from dpldm.privacy.sampling import poisson_rate
+from dpldm.privacy.scope import TrainableScope, count
+from dpldm.privacy.settings import DifferentialPrivacy, check_trainer, plan
 
 
 def ldm_noise_schedule() -> DDPMScheduler:
@@ -52,6 +56,9 @@ class LatentDiffusion(L.LightningModule):
         optimizer: optimizer factory over the trainable parameters.
         guidance_scale: classifier-free guidance scale used by :meth:`sample`.
         sampling_steps: DDIM steps used by :meth:`sample`.
+        scope: train only this part of the UNet (+ conditioner); default: everything, or ``attention``
+            when ``privacy`` is set.
+        privacy: DP-SGD settings; ``None`` trains without a privacy guarantee.
     """
 
     def __init__(
@@ -68,6 +75,8 @@ class LatentDiffusion(L.LightningModule):
         optimizer: OptimizerCallable = _adamw,
         guidance_scale: float = 3.0,
         sampling_steps: int = 50,
+        scope: TrainableScope | None = None,
+        privacy: DifferentialPrivacy | None = None,
     ):
         super().__init__()
         self.unet, self.autoencoder, self.conditioner = unet, autoencoder, conditioner
@@ -78,6 +87,10 @@ class LatentDiffusion(L.LightningModule):
         self.optimizer_factory = optimizer
         self.guidance_scale, self.sampling_steps = guidance_scale, sampling_steps
         self._check_parts()
+        self.privacy, self.dp = privacy, None  # dp: the DPSGDEngine, built at fit start (needs N)
+        self.scope = scope or (TrainableScope() if privacy is not None else None)
+        self.trained_modules = self.scope.apply(unet, conditioner) if self.scope else [unet, conditioner]
+        self.automatic_optimization = privacy is None  # DP: micro-batches and one noisy step, by hand
         self.ema = EMAModel(self.trainable_parameters(), decay=ema_decay, use_ema_warmup=True) if ema_decay else None
 
     # --- checks that need only the parts (run at construction, before any data is read) ---
@@ -101,6 +114,35 @@ class LatentDiffusion(L.LightningModule):
         dm = self.trainer.datamodule if self.trainer is not None else None
         if dm is not None:
             check_data_compatible(self, dm)
+        if stage == "fit" and self.privacy is not None and self.dp is None:
+            self._setup_privacy(dm)
+
+    def _setup_privacy(self, dm: object) -> None:
+        """Plan the accounting (N, q, sigma, delta), attach per-sample hooks, switch the data to Poisson."""
+        if dm is None or not hasattr(dm, "num_train_samples"):
+            raise ConfigError("data", type(dm).__name__, "a DP stage needs a DataModule with num_train_samples")
+        trainer = self.trainer
+        check_trainer(trainer)
+        p = plan(self.privacy, dm.num_train_samples, dm.batch_size, trainer.max_steps, trainer.max_epochs)
+        self.dp = DPSGDEngine(self.privacy, p, self.trained_modules, start_step=trainer.global_step)
+        dm.poisson_seed = self.dp.sampler_seed(trainer.global_step)
+
+    def on_fit_start(self) -> None:
+        n_train, n_all = count(self.trainable_parameters()), count(list(self.parameters()))
+        self.print(f"trainable scope: {n_train:,} of {n_all:,} parameters ({n_train / n_all:.1%}); "
+                   f"{1 - n_train / n_all:.1%} fewer than training everything")
+
+    def on_train_start(self) -> None:
+        if self.dp is not None:  # invariant: the loader in use is the Poisson one, at the accounted rate
+            rate = poisson_rate(self.trainer.train_dataloader)
+            if rate is None or abs(rate - self.dp.plan.sample_rate) > 1e-12:
+                raise RuntimeError(f"DP stage without the Poisson sampler at q = {self.dp.plan.sample_rate} "
+                                   f"(the training loader samples at {rate})")
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        from dpldm.callbacks.privacy import PrivacyMonitor
+
+        return [PrivacyMonitor()] if self.privacy is not None else []
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -122,17 +164,44 @@ class LatentDiffusion(L.LightningModule):
         return denoising_loss(self.unet, latents, context, self.noise_scheduler, self.timesteps,
                               self.weighting, self.noise_draws)
 
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
+        if self.dp is not None:
+            return self._dp_training_step(batch)
         loss = self.per_example_loss(batch).mean()
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["image"]))
         return loss
 
+    def _dp_training_step(self, batch: dict) -> None:
+        """One DP-SGD step over a Poisson batch, in physical micro-batches (dpldm.privacy.engine)."""
+        if self.dp.exhausted():  # one more step would exceed the target epsilon
+            self.trainer.should_stop = True
+            return None
+        opt = self.optimizers()
+        n = len(batch["image"]) if batch else 0
+        if n == 0:
+            self.dp.empty_batch()
+        total = 0.0
+        for chunk in micro_batches(batch, self.privacy.max_physical_batch_size) if n else ():
+            loss = self.per_example_loss(chunk)  # [b]: K draws already averaged per example
+            self.manual_backward(loss.sum())
+            fold_noise_draws(self.dp.params, len(loss), self.noise_draws)
+            total += float(loss.detach().sum())
+        opt.step()  # clip per example, add noise, divide by B, then the inner optimizer's step
+        opt.zero_grad(set_to_none=True)
+        self.dp.step_taken()
+        if self.privacy.log_private_metrics and n:
+            self.log("train/loss", total / n, prog_bar=True, batch_size=n)
+        return None
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        if self.dp is not None and not self.privacy.log_private_metrics:
+            return  # the validation loss of private data is not DP: logged only when declared
         loss = self.per_example_loss(batch).mean()
         self.log("val/loss", loss, prog_bar=True, batch_size=len(batch["image"]))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return self.optimizer_factory(self.trainable_parameters())
+        optimizer = self.optimizer_factory(self.trainable_parameters())
+        return self.dp.wrap(optimizer) if self.dp is not None else optimizer
 
     def on_train_batch_end(self, outputs: object, batch: dict, batch_idx: int) -> None:
         if self.ema is not None:
@@ -142,10 +211,21 @@ class LatentDiffusion(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.ema is not None:
             checkpoint["ema"] = self.ema.state_dict()
+        if self.dp is not None:  # invariant: accountant state in every checkpoint
+            checkpoint["privacy"] = {"accountant": self.dp.accountant.state_dict(), **self.dp.report()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self.ema is not None and "ema" in checkpoint:
             self.ema.load_state_dict(checkpoint["ema"])
+        if self.dp is not None and "privacy" in checkpoint:
+            # Resuming (after setup, before the loaders exist): continue the same accountant, and draw
+            # fresh sampling and noise streams for the remaining steps (never replay the first ones).
+            self.dp.accountant.load_state_dict(checkpoint["privacy"]["accountant"])
+            step = checkpoint["global_step"]
+            if self.dp.accountant.steps != step:
+                raise RuntimeError(f"checkpoint accounted {self.dp.accountant.steps} DP steps at step {step}")
+            self.dp.reseed(step)
+            self.trainer.datamodule.poisson_seed = self.dp.sampler_seed(step)
 
     @contextlib.contextmanager
     def ema_weights(self) -> Iterator[None]:

@@ -1,0 +1,137 @@
+"""The DP-SGD step (Abadi et al., 2016) for the trainable scope, with Opacus underneath (plain PyTorch).
+
+One logical step over a Poisson batch of n examples (expected size B = qN):
+
+  for each physical micro-batch:   loss_i = mean_k l(x_i, t_ik, eps_ik)    (K draws -> one loss per example)
+                                   backward of sum_i loss_i; per-row gradients from Opacus hooks
+                                   rows of the same example summed          -> g_i (the *whole* gradient)
+  clip:   g_i <- g_i * min(1, C / ||g_i||)       over all trained parameters at once
+  noise:  g = (sum_i g_i + N(0, sigma^2 C^2 I)) / B                          (Opacus DPOptimizer)
+  account one step of the subsampled Gaussian mechanism (q, sigma).
+
+Hooks go only on the trained modules; frozen layers get no per-sample work.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+
+import torch
+from opacus.grad_sample import GradSampleHooks
+from opacus.optimizers import DPOptimizer
+from torch import nn
+
+from dpldm.privacy.accounting import PrivacyAccountant, calibrate_noise, max_steps_within
+from dpldm.privacy.settings import DifferentialPrivacy, PrivacyPlan
+
+
+def derive_seed(seed: int, *parts: int) -> int:
+    """A deterministic seed per (run seed, resume step, purpose): distinct streams, never replayed."""
+    return hash((seed, *parts)) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def fresh_seed() -> int:
+    return int.from_bytes(os.urandom(8), "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def micro_batches(batch: dict, size: int) -> Iterator[dict]:
+    """Split a batch dict (tensors or lists, batch-first) into physical micro-batches."""
+    n = len(next(iter(batch.values())))
+    for start in range(0, n, size):
+        yield {k: v[start:start + size] for k, v in batch.items()}
+
+
+def fold_noise_draws(params: Sequence[nn.Parameter], num_examples: int, noise_draws: int) -> None:
+    """Turn the per-row gradients of the last backward into per-example gradients and append them.
+
+    The UNet sees each example K times (rows of one example adjacent); the conditioner may see it once.
+    Rows of one example are summed: that is the gradient of its (K-averaged) loss.
+    """
+    for p in params:
+        gs = p.grad_sample
+        done, new = (gs[:-1], gs[-1]) if isinstance(gs, list) else ([], gs)
+        if new.shape[0] == num_examples * noise_draws and noise_draws > 1:
+            new = new.view(num_examples, noise_draws, *new.shape[1:]).sum(1)
+        elif new.shape[0] != num_examples:
+            raise RuntimeError(f"per-sample gradient with {new.shape[0]} rows for {num_examples} examples")
+        p.grad_sample = torch.cat([*done, new]) if done else new
+
+
+class DPSGDEngine:
+    """Per-example clipping, noise and accounting for one DP fine-tuning run.
+
+    Args:
+        settings: the DP settings.
+        plan: N, q, delta and the planned number of steps.
+        trained: top modules whose parameters are trained (from the trainable scope).
+        start_step: optimizer steps already taken (non-zero when resuming), to derive fresh seeds.
+    """
+
+    def __init__(self, settings: DifferentialPrivacy, plan: PrivacyPlan, trained: Sequence[nn.Module],
+                 start_step: int = 0):
+        self.settings, self.plan = settings, plan
+        self.params = [p for m in trained for p in m.parameters() if p.requires_grad]
+        if settings.noise_multiplier is not None:
+            self.noise_multiplier = float(settings.noise_multiplier)
+        else:
+            self.noise_multiplier = calibrate_noise(settings.epsilon, plan.delta, plan.sample_rate,
+                                                    plan.planned_steps, settings.accountant)
+        # Steps the budget allows: training stops before a step would exceed the target epsilon.
+        self.budget_steps = (max_steps_within(settings.epsilon, self.noise_multiplier, plan.sample_rate,
+                                              plan.delta, settings.accountant)
+                             if settings.epsilon is not None else None)
+        self.accountant = PrivacyAccountant(settings.accountant, plan.delta)
+        self.seed = settings.seed if settings.seed is not None else fresh_seed()
+        self.noise_generator = torch.Generator()
+        self.reseed(start_step)
+        self._hooks = [GradSampleHooks(m, batch_first=True, loss_reduction="sum", strict=True) for m in trained]
+
+    def reseed(self, step: int) -> None:
+        self.noise_generator.manual_seed(derive_seed(self.seed, step, 1))
+
+    def sampler_seed(self, step: int) -> int:
+        return derive_seed(self.seed, step, 2)
+
+    def wrap(self, optimizer: torch.optim.Optimizer) -> DPOptimizer:
+        """The optimizer that clips, noises and divides by B before its step."""
+        opt_params = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        if opt_params != {id(p) for p in self.params}:
+            from dpldm.errors import ConfigError
+
+            raise ConfigError("model.init_args.optimizer", type(optimizer).__name__,
+                              "must update exactly the parameters of the trainable scope")
+        device = self.params[0].device
+        if self.noise_generator.device != device:
+            gen = torch.Generator(device)
+            gen.manual_seed(int(self.noise_generator.initial_seed()))
+            self.noise_generator = gen
+        return DPOptimizer(optimizer, noise_multiplier=self.noise_multiplier,
+                           max_grad_norm=self.settings.max_grad_norm,
+                           expected_batch_size=self.plan.expected_batch_size, loss_reduction="mean",
+                           generator=None if self.settings.secure_mode else self.noise_generator,
+                           secure_mode=self.settings.secure_mode)
+
+    def exhausted(self) -> bool:
+        """True when one more step would exceed the target epsilon."""
+        return self.budget_steps is not None and self.accountant.steps >= self.budget_steps
+
+    def empty_batch(self) -> None:
+        """A Poisson batch can be empty: the step is then pure noise (zero per-example gradients)."""
+        for p in self.params:
+            p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
+
+    def step_taken(self) -> None:
+        self.accountant.add(self.noise_multiplier, self.plan.sample_rate)
+
+    def report(self) -> dict[str, float]:
+        """What is logged next to epsilon: (q, sigma, T, delta) and the expected batch size."""
+        return {"privacy/epsilon": self.accountant.epsilon(), "privacy/delta": self.plan.delta,
+                "privacy/noise_multiplier": self.noise_multiplier, "privacy/sample_rate": self.plan.sample_rate,
+                "privacy/steps": float(self.accountant.steps),
+                "privacy/expected_batch_size": float(self.plan.expected_batch_size)}
+
+    def detach(self) -> None:
+        for h in self._hooks:
+            h.remove_hooks()
+

@@ -1,0 +1,122 @@
+"""Which parameters DP-SGD trains: the *trainable scope* (plain PyTorch, no Lightning).
+
+DP-LDM (Lyu et al., 2024) fine-tunes only the attention modules of a pretrained LDM: every
+``Transformer2DModel`` of the UNet (its GroupNorm, proj_in, self-attention, cross-attention,
+feed-forward, proj_out). Fewer trained parameters means less noise in total, so a better
+privacy-utility trade-off. Everything outside the scope is frozen (``requires_grad=False``) and
+gets no per-sample-gradient hooks.
+
+Blocks are counted input -> middle -> output, as in DP-LDM's ``ablation_blocks``: the UNet's
+``Transformer2DModel`` modules in forward order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+from diffusers.models.transformers.transformer_2d import Transformer2DModel
+from torch import nn
+
+from dpldm.errors import ConfigError
+
+ScopeKind = Literal["attention", "self_attention", "cross_attention", "full"]
+
+
+def attention_blocks(unet: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The UNet's transformer blocks in forward order: input (down) -> middle -> output (up)."""
+    order = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
+    found = [(n, m) for n, m in unet.named_modules() if isinstance(m, Transformer2DModel)]
+    return sorted(found, key=lambda nm: (order.get(nm[0].split(".")[0], 3), _index_path(nm[0])))
+
+
+def _index_path(name: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in name.split(".") if p.isdigit())
+
+
+def block_resolution(unet: nn.Module, name: str) -> int:
+    """Downsampling factor (1, 2, 4, ...) of the latent at which a block runs."""
+    part, *rest = name.split(".")
+    levels = len(unet.config.block_out_channels)
+    if part == "mid_block":
+        return 2 ** (levels - 1)
+    index = int(rest[0])
+    return 2 ** index if part == "down_blocks" else 2 ** (levels - 1 - index)
+
+
+def _pick(block: nn.Module, kind: ScopeKind) -> list[nn.Module]:
+    """Submodules of one transformer block that a scope kind trains."""
+    if kind == "attention":
+        return [block]
+    which = ("attn1", "norm1") if kind == "self_attention" else ("attn2", "norm2")
+    return [getattr(tb, w) for tb in block.transformer_blocks for w in which if getattr(tb, w, None) is not None]
+
+
+class TrainableScope:
+    """What DP fine-tuning trains.
+
+    Args:
+        kind: ``attention`` (whole transformer blocks, DP-LDM), ``self_attention`` or
+            ``cross_attention`` (those projections and the norm before them), ``full`` (the whole UNet:
+            the full-model DP baseline).
+        blocks: restrict to these transformer blocks, counted input -> middle -> output from 0.
+        resolutions: restrict to blocks running at these downsampling factors (1, 2, 4, ...).
+        conditioner: also train the conditioner (class embedding incl. null class). A frozen text
+            encoder is never trained.
+    """
+
+    def __init__(self, kind: ScopeKind = "attention", blocks: Sequence[int] | None = None,
+                 resolutions: Sequence[int] | None = None, conditioner: bool = True):
+        self.kind, self.conditioner = kind, conditioner
+        self.blocks = None if blocks is None else list(blocks)
+        self.resolutions = None if resolutions is None else list(resolutions)
+
+    def modules(self, unet: nn.Module) -> list[nn.Module]:
+        """The UNet modules whose parameters are trained."""
+        if self.kind == "full":
+            if self.blocks is not None or self.resolutions is not None:
+                raise ConfigError("scope.blocks", self.blocks, "cannot be combined with kind: full")
+            return [unet]
+        blocks = attention_blocks(unet)
+        if not blocks:
+            raise ConfigError("scope.kind", self.kind, "the UNet has no attention blocks to train")
+        if self.blocks is not None:
+            bad = [b for b in self.blocks if not 0 <= b < len(blocks)]
+            if bad:
+                raise ConfigError("scope.blocks", self.blocks, f"indices must be in [0, {len(blocks) - 1}]")
+            blocks = [blocks[b] for b in self.blocks]
+        if self.resolutions is not None:
+            blocks = [(n, m) for n, m in blocks if block_resolution(unet, n) in self.resolutions]
+            if not blocks:
+                raise ConfigError("scope.resolutions", self.resolutions, "select no attention block of this UNet")
+        return [sub for _, block in blocks for sub in _pick(block, self.kind)]
+
+    def apply(self, unet: nn.Module, conditioner: nn.Module) -> list[nn.Module]:
+        """Freeze everything, then unfreeze the scope. Returns the top modules that are trained."""
+        unet.requires_grad_(False)
+        conditioner.requires_grad_(False)
+        trained = self.modules(unet)
+        for m in trained:
+            m.requires_grad_(True)
+        if self.conditioner and any(True for _ in conditioner.parameters()) and _is_trainable_conditioner(conditioner):
+            conditioner.requires_grad_(True)
+            trained.append(conditioner)
+        check_no_batchnorm(trained)
+        return trained
+
+
+def _is_trainable_conditioner(conditioner: nn.Module) -> bool:
+    return getattr(conditioner, "input_key", None) != "caption"  # the text encoder stays frozen
+
+
+def check_no_batchnorm(modules: Sequence[nn.Module]) -> None:
+    """BatchNorm mixes examples within a batch, so per-example gradients (and DP) are undefined."""
+    for top in modules:
+        for name, m in top.named_modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                raise ConfigError("scope", type(m).__name__ + (f" at {name}" if name else ""),
+                                  "BatchNorm cannot be trained with DP-SGD (use GroupNorm/LayerNorm)")
+
+
+def count(params: Sequence[nn.Parameter]) -> int:
+    return sum(p.numel() for p in params)

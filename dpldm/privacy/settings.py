@@ -1,0 +1,122 @@
+"""DP-SGD settings of one fine-tuning stage, and the checks that run before any private data is read."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+from dpldm.errors import ConfigError
+from dpldm.privacy.accounting import AccountantKind
+
+FIELD = "model.init_args.privacy.init_args"
+
+
+class DifferentialPrivacy:
+    """DP-SGD (Abadi et al., 2016) with Poisson sampling: clip each example's whole gradient to norm C,
+    sum, add N(0, sigma^2 C^2), divide by the expected batch size qN.
+
+    Args:
+        epsilon: target epsilon; with ``noise_multiplier`` unset, sigma is calibrated so that the planned
+            steps spend exactly this; training stops before a step would exceed it.
+        delta: target delta; must be in (0, 1/N). ``None``: 1 / (10 N).
+        max_grad_norm: per-example clipping norm C.
+        noise_multiplier: sigma; set it to train with a fixed sigma (``epsilon`` then only stops training).
+        accountant: ``prv`` (default) or ``rdp``.
+        max_physical_batch_size: examples per forward/backward; a logical (Poisson) batch is split into
+            physical micro-batches of at most this size, clipped per example, and stepped once.
+        secure_mode: Opacus's noise generation robust to floating-point attacks (slower).
+        seed: seed of the Poisson sampler and of the noise; ``None`` draws one from the OS (recommended:
+            a seeded run replays the same noise if its seed leaks).
+        log_private_metrics: log the training/validation loss of private batches. Off by default: those
+            aggregates are not differentially private. Turning it on is a declared leak.
+    """
+
+    def __init__(self, epsilon: float | None = 10.0, delta: float | None = None, max_grad_norm: float = 1.0,
+                 noise_multiplier: float | None = None, accountant: AccountantKind = "prv",
+                 max_physical_batch_size: int = 64, secure_mode: bool = False, seed: int | None = None,
+                 log_private_metrics: bool = False):
+        self.epsilon, self.delta, self.max_grad_norm = epsilon, delta, max_grad_norm
+        self.noise_multiplier, self.accountant = noise_multiplier, accountant
+        self.max_physical_batch_size, self.secure_mode, self.seed = max_physical_batch_size, secure_mode, seed
+        self.log_private_metrics = log_private_metrics
+        check_settings(self)
+
+
+def check_settings(dp: DifferentialPrivacy) -> None:
+    """Checks that need no data (run at construction)."""
+    if dp.epsilon is None and dp.noise_multiplier is None:
+        raise ConfigError(f"{FIELD}.epsilon", None, "set epsilon (to calibrate sigma) or noise_multiplier")
+    if dp.epsilon is not None and not dp.epsilon > 0:
+        raise ConfigError(f"{FIELD}.epsilon", dp.epsilon, "must be > 0")
+    if not dp.max_grad_norm > 0:
+        raise ConfigError(f"{FIELD}.max_grad_norm", dp.max_grad_norm, "must be > 0 (the clipping norm C)")
+    if dp.noise_multiplier is not None and not dp.noise_multiplier >= 0:
+        raise ConfigError(f"{FIELD}.noise_multiplier", dp.noise_multiplier, "must be >= 0")
+    if dp.accountant not in ("prv", "rdp"):
+        raise ConfigError(f"{FIELD}.accountant", dp.accountant, "must be 'prv' or 'rdp'")
+    if dp.max_physical_batch_size < 1:
+        raise ConfigError(f"{FIELD}.max_physical_batch_size", dp.max_physical_batch_size, "must be >= 1")
+
+
+@dataclass(frozen=True)
+class PrivacyPlan:
+    """The numbers a DP run is accounted with: q = B / N, sigma, delta, planned steps T."""
+
+    num_samples: int
+    expected_batch_size: int
+    sample_rate: float
+    delta: float
+    planned_steps: int
+
+
+def plan(dp: DifferentialPrivacy, num_samples: int, expected_batch_size: int, max_steps: int,
+         max_epochs: int | None) -> PrivacyPlan:
+    """Checks that need the data size and trainer limits; returns the accounting plan.
+
+    Args:
+        dp: the settings.
+        num_samples: N, the size of the private training set.
+        expected_batch_size: the logical batch size B (``data.init_args.batch_size``).
+        max_steps: ``trainer.max_steps`` (-1: unset).
+        max_epochs: ``trainer.max_epochs``; an epoch is 1/q steps.
+    """
+    if num_samples < 1:
+        raise ConfigError("data", num_samples, "a DP stage needs a non-empty training set of known size N")
+    q = expected_batch_size / num_samples
+    if not 0 < q <= 1:
+        raise ConfigError("data.init_args.batch_size", expected_batch_size,
+                          f"sample rate q = batch_size / N = {q:.4g} must be in (0, 1] (N = {num_samples})")
+    delta = dp.delta if dp.delta is not None else 1.0 / (10 * num_samples)
+    if not 0 < delta < 1.0 / num_samples:
+        raise ConfigError(f"{FIELD}.delta", delta, f"must be in (0, 1/N) = (0, {1.0 / num_samples:.3g})")
+    if delta > 1.0 / (10 * num_samples):
+        warnings.warn(f"{FIELD}.delta = {delta:.3g} is above 1/(10N) = {1.0 / (10 * num_samples):.3g}; "
+                      "a delta close to 1/N permits leaking a whole example with that probability")
+    if max_steps is not None and max_steps > 0:
+        steps = max_steps
+    elif max_epochs is not None and max_epochs > 0:
+        steps = max_epochs * int(1 / q)
+    else:
+        raise ConfigError("trainer.max_steps", max_steps, "a DP stage needs max_steps or max_epochs to plan sigma")
+    return PrivacyPlan(num_samples, expected_batch_size, q, delta, steps)
+
+
+def check_trainer(trainer: object) -> None:
+    """Trainer settings that would break DP-SGD's accounting."""
+    if getattr(trainer, "accumulate_grad_batches", 1) != 1:
+        raise ConfigError("trainer.accumulate_grad_batches", trainer.accumulate_grad_batches,
+                          "must be 1 with DP: Poisson sampling draws each logical batch at once "
+                          f"(split it with {FIELD}.max_physical_batch_size instead)")
+    connector = getattr(trainer, "_accelerator_connector", None)
+    if connector is not None and connector.use_distributed_sampler:
+        raise ConfigError("trainer.use_distributed_sampler", True,
+                          "must be false for DP stages: Lightning would replace the Poisson sampler")
+    if getattr(trainer, "gradient_clip_val", None):
+        raise ConfigError("trainer.gradient_clip_val", trainer.gradient_clip_val,
+                          f"must be unset with DP: clipping is per example ({FIELD}.max_grad_norm)")
+
+
+def noise_std(dp: DifferentialPrivacy, sigma: float, expected_batch_size: int) -> float:
+    """Standard deviation of the noise in the averaged update: sigma C / B."""
+    return sigma * dp.max_grad_norm / expected_batch_size if math.isfinite(sigma) else math.inf
