@@ -15,6 +15,7 @@ Hooks go only on the trained modules; frozen layers get no per-sample work.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -24,6 +25,9 @@ from torch import nn
 
 from dpldm.privacy.accounting import PrivacyAccountant, calibrate_noise, max_steps_within
 from dpldm.privacy.settings import DifferentialPrivacy, PrivacyPlan
+
+# Opacus's backward hooks on the first trained layer, whose inputs need no gradient: expected, harmless.
+warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
 
 
 def derive_seed(seed: int, *parts: int) -> int:

@@ -1,0 +1,39 @@
+import pytest
+
+from dpldm.privacy.accounting import PrivacyAccountant, calibrate_noise, epsilon_for, max_steps_within
+
+
+@pytest.mark.parametrize("kind", ["prv", "rdp"])
+def test_calibrated_sigma_spends_the_target(kind):
+    q, steps, delta = 64 / 1437, 200, 1e-4
+    sigma = calibrate_noise(10.0, delta, q, steps, kind)
+    eps = epsilon_for(sigma, q, steps, delta, kind)
+    assert 9.9 <= eps <= 10.0
+    assert epsilon_for(sigma * 0.9, q, steps, delta, kind) > 10.0  # the smallest sigma that fits
+
+
+def test_max_steps_within_is_the_boundary():
+    sigma, q, delta = 1.0, 0.05, 1e-5
+    t = max_steps_within(5.0, sigma, q, delta, "rdp")
+    assert epsilon_for(sigma, q, t, delta, "rdp") <= 5.0 < epsilon_for(sigma, q, t + 1, delta, "rdp")
+
+
+def test_accountant_merges_history_and_round_trips():
+    acc = PrivacyAccountant("prv", 1e-5)
+    for _ in range(30):
+        acc.add(1.1, 0.01)
+    assert acc.steps == 30 and acc.state_dict()["history"] == [(1.1, 0.01, 30)]
+    eps = acc.epsilon()
+    assert eps == pytest.approx(epsilon_for(1.1, 0.01, 30, 1e-5, "prv"))
+    other = PrivacyAccountant("prv", 1e-5)
+    other.load_state_dict(acc.state_dict())
+    assert other.epsilon() == eps
+    with pytest.raises(ValueError, match="rdp"):
+        PrivacyAccountant("rdp", 1e-5).load_state_dict(acc.state_dict())
+
+
+def test_no_noise_means_infinite_epsilon():
+    acc = PrivacyAccountant("rdp", 1e-5)
+    assert acc.epsilon() == 0.0
+    acc.add(0.0, 0.1)
+    assert acc.epsilon() == float("inf")

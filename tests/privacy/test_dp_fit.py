@@ -1,0 +1,106 @@
+"""DP fine-tuning through Lightning: frozen parts untouched, epsilon as accounted, resume continues it."""
+
+import copy
+import csv
+
+import lightning.pytorch as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+
+from dpldm.datamodules import DigitsDataModule
+from dpldm.errors import ConfigError
+from dpldm.modules import ClassEmbedder, FrozenAutoencoder, LatentDiffusion, build_autoencoder, build_unet
+from dpldm.privacy import DifferentialPrivacy, epsilon_for
+from tests.conftest import TINY_AE, TINY_UNET
+
+
+def dp_model(**privacy):
+    torch.manual_seed(0)
+    settings = {"epsilon": 8.0, "seed": 0, "max_physical_batch_size": 8, **privacy}
+    return LatentDiffusion(build_unet(**TINY_UNET), FrozenAutoencoder(build_autoencoder(**TINY_AE)),
+                           ClassEmbedder(10, embed_dim=16), noise_draws=2, privacy=DifferentialPrivacy(**settings))
+
+
+def trainer(tmp_path, max_steps, callbacks=(), **kw):
+    return L.Trainer(max_steps=max_steps, use_distributed_sampler=False, logger=CSVLogger(tmp_path, name="logs"),
+                     log_every_n_steps=1, limit_val_batches=0, enable_progress_bar=False,
+                     enable_model_summary=False, callbacks=list(callbacks), default_root_dir=tmp_path, **kw)
+
+
+def data():
+    return DigitsDataModule(image_size=8, batch_size=16)
+
+
+def test_only_the_scope_changes_and_optimizer_matches_requires_grad(tmp_path):
+    model = dp_model()
+    before = copy.deepcopy(model.state_dict())
+    t = trainer(tmp_path, 3, enable_checkpointing=False)
+    t.fit(model, data())
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    in_opt = {id(p) for g in t.optimizers[0].param_groups for p in g["params"]}
+    assert in_opt == {id(p) for p in model.parameters() if p.requires_grad}
+    changed = {n for n, v in model.state_dict().items() if not torch.equal(v, before[n])}
+    assert changed and changed <= trained  # everything outside the scope is bit-identical
+    assert not any("resnets" in n for n in trained) and not model.autoencoder.training
+    assert model.dp.accountant.steps == 3
+
+
+def _logged(tmp_path):
+    rows = list(csv.DictReader(open(next(tmp_path.glob("logs/version_*/metrics.csv")))))
+    return [r for r in rows if r.get("privacy/epsilon")][-1]
+
+
+def test_logged_epsilon_is_the_accountants_for_the_logged_parameters(tmp_path):
+    model = dp_model()
+    trainer(tmp_path, 4, enable_checkpointing=False).fit(model, data())
+    row = _logged(tmp_path)
+    q, sigma, steps, delta = (float(row[f"privacy/{k}"]) for k in ("sample_rate", "noise_multiplier", "steps", "delta"))
+    assert steps == 4 and q == pytest.approx(16 / DigitsDataModule().num_train_samples)
+    assert float(row["privacy/epsilon"]) == pytest.approx(epsilon_for(sigma, q, int(steps), delta, "prv"), rel=1e-6)
+    assert float(row["privacy/epsilon"]) <= 8.0
+    assert "train/loss" not in row or not row["train/loss"]  # private losses are not logged by default
+
+
+class Kill(L.Callback):
+    def __init__(self, at):
+        self.at = at
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step >= self.at:
+            raise KeyboardInterrupt  # like a killed job: Lightning stops, the last checkpoint stays
+
+
+def test_kill_and_resume_gives_the_same_final_epsilon_and_steps(tmp_path):
+    full = dp_model()
+    trainer(tmp_path / "a", 6, enable_checkpointing=False).fit(full, data())
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_last=True)
+    first = dp_model()
+    with pytest.raises(SystemExit):  # Lightning's graceful shutdown on an interrupt
+        trainer(tmp_path / "b", 6, callbacks=[ckpt, Kill(3)]).fit(first, data())
+    assert first.dp.accountant.steps == 3
+    state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    # accountant state in the checkpoint, matching its step (the step in flight at the kill is lost)
+    assert state["privacy"]["accountant"]["history"][0][2] == state["global_step"] == 2
+
+    resumed = dp_model()
+    trainer(tmp_path / "c", 6, enable_checkpointing=False).fit(resumed, data(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert resumed.dp.accountant.steps == full.dp.accountant.steps == 6
+    assert resumed.dp.accountant.epsilon() == pytest.approx(full.dp.accountant.epsilon())
+
+
+def test_training_stops_before_exceeding_the_target_epsilon(tmp_path):
+    n = DigitsDataModule().num_train_samples
+    budget = 3
+    eps = epsilon_for(1.0, 16 / n, budget, 1 / (10 * n))  # with sigma = 1, 3 steps fit exactly
+    model = dp_model(noise_multiplier=1.0, epsilon=eps * 1.0001)
+    trainer(tmp_path, 20, enable_checkpointing=False).fit(model, data())
+    assert model.dp.accountant.steps == budget and model.dp.accountant.epsilon() <= eps * 1.0001
+
+
+def test_distributed_sampler_must_be_off(tmp_path):
+    t = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False)  # use_distributed_sampler defaults to True
+    with pytest.raises(ConfigError, match="use_distributed_sampler"):
+        t.fit(dp_model(), data())

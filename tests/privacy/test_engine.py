@@ -1,0 +1,166 @@
+"""DP-SGD engine against brute force (no Lightning): per-example gradients, clipping, noise, sampling."""
+
+import copy
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from dpldm.modules import ClassEmbedder, FrozenAutoencoder, LatentDiffusion, build_autoencoder, build_unet
+from dpldm.privacy import DifferentialPrivacy
+from dpldm.privacy.engine import DPSGDEngine, fold_noise_draws, micro_batches
+from dpldm.privacy.sampling import poisson_loader
+from dpldm.privacy.settings import PrivacyPlan
+from tests.conftest import TINY_AE, TINY_UNET
+
+
+def make_model(noise_draws=1, kind="attention"):
+    from dpldm.privacy import TrainableScope
+
+    torch.manual_seed(0)
+    model = LatentDiffusion(build_unet(**TINY_UNET), FrozenAutoencoder(build_autoencoder(**TINY_AE)),
+                            ClassEmbedder(10, embed_dim=16), noise_draws=noise_draws, cond_drop_prob=0.2,
+                            scope=TrainableScope(kind), privacy=DifferentialPrivacy(epsilon=10, seed=0))
+    return model.train()
+
+
+def make_engine(model, batch_size, sigma=1.0, clip=1.0):
+    settings = DifferentialPrivacy(noise_multiplier=sigma, epsilon=None, max_grad_norm=clip, seed=0)
+    plan = PrivacyPlan(num_samples=100, expected_batch_size=batch_size, sample_rate=batch_size / 100,
+                       delta=1e-3, planned_steps=10)
+    model.privacy = settings
+    model.dp = DPSGDEngine(settings, plan, model.trained_modules)
+    return model.dp
+
+
+def batch(n=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"image": torch.rand(n, 1, 8, 8, generator=g) * 2 - 1, "label": torch.arange(n) % 10}
+
+
+def dp_per_example_grads(model, engine, data, physical):
+    torch.manual_seed(123)
+    for chunk in micro_batches(data, physical):
+        loss = model.per_example_loss(chunk)
+        loss.sum().backward()
+        fold_noise_draws(engine.params, len(loss), model.noise_draws)
+    return [p.grad_sample for p in engine.params]
+
+
+def brute_force_grads(model, engine, data, physical=None):
+    """One backward per example, with the same draws of t, noise and label dropout (same seed, same chunks)."""
+    for h in engine._hooks:
+        h.disable_hooks()
+    torch.manual_seed(123)
+    rows = []
+    for chunk in micro_batches(data, physical or len(data["image"])):
+        loss = model.per_example_loss(chunk)
+        rows += [torch.autograd.grad(loss[i], engine.params, retain_graph=True, allow_unused=True)
+                 for i in range(len(loss))]
+    for h in engine._hooks:
+        h.enable_hooks()
+    return [torch.stack([r[j] if r[j] is not None else torch.zeros_like(p) for r in rows])
+            for j, p in enumerate(engine.params)]
+
+
+@pytest.mark.parametrize("noise_draws", [1, 3])
+@pytest.mark.parametrize("kind", ["attention", "full"])
+def test_per_example_gradients_match_brute_force(noise_draws, kind):
+    model = make_model(noise_draws, kind)
+    engine = make_engine(model, 6)
+    data = batch(6)
+    got = dp_per_example_grads(model, engine, data, physical=6)
+    ref = brute_force_grads(model, engine, data)
+    assert all(g.shape[0] == 6 for g in got)
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
+def test_micro_batches_give_per_example_gradients_in_order():
+    model = make_model(noise_draws=2)
+    engine = make_engine(model, 7)
+    data = batch(7)
+    got = dp_per_example_grads(model, engine, data, physical=3)  # chunks of 3, 3, 1
+    ref = brute_force_grads(model, engine, data, physical=3)
+    assert all(g.shape[0] == 7 for g in got)
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
+def _apply_dp_step(model, engine, data, lr=0.1):
+    opt = engine.wrap(torch.optim.SGD(model.trainable_parameters(), lr=lr))
+    dp_per_example_grads(model, engine, data, physical=len(data["image"]))
+    opt.step()
+    opt.zero_grad()
+
+
+def test_no_noise_no_clipping_equals_a_non_private_step():
+    data = batch(6)
+    dp_model = make_model()
+    _apply_dp_step(dp_model, make_engine(dp_model, batch_size=6, sigma=0.0, clip=1e9), data)
+    plain = make_model()
+    plain.dp = None
+    opt = torch.optim.SGD(plain.trainable_parameters(), lr=0.1)
+    torch.manual_seed(123)
+    plain.per_example_loss(data).mean().backward()  # mean over n = B examples
+    opt.step()
+    for a, b in zip(dp_model.trainable_parameters(), plain.trainable_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_clipping_bounds_each_example_contribution():
+    model = make_model()
+    engine = make_engine(model, batch_size=6, sigma=0.0, clip=1e-3)
+    before = [p.detach().clone() for p in model.trainable_parameters()]
+    _apply_dp_step(model, engine, batch(6), lr=1.0)
+    update = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.trainable_parameters(), before)])
+    assert update.norm() <= 6 * 1e-3 / 6 + 1e-6  # ||sum of clipped|| / B <= n C / B
+
+
+def test_noise_std_is_sigma_c_over_b():
+    model = make_model()
+    sigma, clip, b = 2.0, 0.5, 8
+    engine = make_engine(model, batch_size=b, sigma=sigma, clip=clip)
+    opt = engine.wrap(torch.optim.SGD(model.trainable_parameters(), lr=1.0))
+    engine.empty_batch()  # zero per-example gradients: the update is pure noise
+    opt.pre_step()
+    noise = torch.cat([p.grad.flatten() for p in engine.params])
+    assert noise.numel() > 10_000
+    assert noise.std().item() == pytest.approx(sigma * clip / b, rel=0.03)
+    assert abs(noise.mean().item()) < 3 * sigma * clip / b / noise.numel() ** 0.5
+
+
+def test_noise_does_not_repeat_across_resumes():
+    model = make_model()
+    engine = make_engine(model, 4)
+    a = torch.randn(5, generator=engine.noise_generator)
+    engine.reseed(100)
+    b = torch.randn(5, generator=engine.noise_generator)
+    engine.reseed(0)
+    assert torch.equal(a, torch.randn(5, generator=engine.noise_generator)) and not torch.equal(a, b)
+
+
+def test_poisson_batch_sizes_have_binomial_moments():
+    n, q = 1000, 0.05
+    loader = poisson_loader(TensorDataset(torch.arange(n)), expected_batch_size=int(q * n), seed=0)
+    assert len(loader) == int(1 / q)
+    sizes = torch.tensor([len(b[0]) if b else 0 for _ in range(20) for b in loader], dtype=torch.float)
+    m = len(sizes)  # 400 batches
+    assert abs(sizes.mean() - q * n) < 4 * (q * n * (1 - q) / m) ** 0.5
+    assert sizes.var().item() == pytest.approx(q * n * (1 - q), rel=0.25)
+    assert sizes.unique().numel() > 10  # sizes vary: not a fixed batch size
+
+
+def test_empty_poisson_batch_collates_to_empty_dict():
+    loader = poisson_loader(TensorDataset(torch.arange(3)), expected_batch_size=1, seed=0)
+    loader.batch_sampler.sample_rate = 1e-9  # force empty batches
+    assert next(iter(loader)) == {}
+
+
+def test_engine_rejects_an_optimizer_over_other_parameters():
+    from dpldm.errors import ConfigError
+
+    model = make_model()
+    engine = make_engine(model, 4)
+    with pytest.raises(ConfigError, match="trainable scope"):
+        engine.wrap(torch.optim.SGD(model.unet.parameters(), lr=0.1))  # includes frozen parameters
