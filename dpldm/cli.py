@@ -1,5 +1,5 @@
 """The ``dpldm`` command: a LightningCLI (``fit/validate/test/predict`` from YAML configs with
-``class_path``/``init_args``), plus ``dpldm quickstart``.
+``class_path``/``init_args``), plus ``dpldm quickstart`` and the ``dpldm privacy`` calculator.
 """
 
 from __future__ import annotations
@@ -51,6 +51,11 @@ def main(argv: list[str] | None = None) -> None:
         from dpldm.quickstart import main as quickstart
 
         quickstart(argv[1:])
+        return
+    if argv and argv[0] == "privacy":
+        from dpldm.privacy.calculator import main as privacy
+
+        privacy(argv[1:])
         return
     DPLDMCLI(args=argv)
 

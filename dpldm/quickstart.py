@@ -2,7 +2,8 @@
 
 Stage 1  public autoencoder on rendered glyphs        (configs/quickstart/autoencoder.yaml)
 Stage 2  public class-conditional LDM on glyphs       (configs/quickstart/ldm.yaml)
-Stage 3  fine-tune on scikit-learn's digits (private) (configs/quickstart/finetune.yaml)
+Stage 3  DP fine-tune of the attention modules on scikit-learn's digits (private, epsilon = 10)
+         (configs/quickstart/finetune.yaml)
 
 Each stage is exactly ``dpldm fit --config FILE`` with the output folder (and the paths of the
 previous stages' exports) overridden; the run ends with a PNG grid of samples of the final model.
@@ -27,6 +28,8 @@ class StageResult:
     checkpoint: str | None
     log_dir: str | None
     grid: str | None
+    privacy: dict[str, float] | None = None  # the DP stage's report (epsilon, delta, sigma, q, steps)
+    trained_fraction: float | None = None
 
 
 def config_dir() -> str:
@@ -42,7 +45,9 @@ def stage_overrides(out: str, extra: dict[str, list[str]]) -> dict[str, list[str
         "autoencoder": ["--trainer.default_root_dir", f"{out}/autoencoder", *extra.get("autoencoder", [])],
         "ldm": ["--trainer.default_root_dir", f"{out}/ldm", *ae, *extra.get("ldm", [])],
         "finetune": ["--trainer.default_root_dir", f"{out}/finetune", *ae,
-                     "--model.init_args.unet.init_args.path", f"{out}/ldm/pretrained", *extra.get("finetune", [])],
+                     "--model.init_args.unet.init_args.path", f"{out}/ldm/pretrained",
+                     "--model.init_args.conditioner.init_args.init_from", f"{out}/ldm/pretrained",
+                     *extra.get("finetune", [])],
     }
 
 
@@ -55,7 +60,14 @@ def run_stage(name: str, config: str, overrides: list[str]) -> StageResult:
     trainer = cli.trainer
     ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else None
     grids = [cb.last_path for cb in trainer.callbacks if isinstance(cb, SampleGrid)]
-    return StageResult(name, seconds, trainer.default_root_dir, ckpt or None, trainer.log_dir, grids[-1] if grids else None)
+    result = StageResult(name, seconds, trainer.default_root_dir, ckpt or None, trainer.log_dir,
+                         grids[-1] if grids else None)
+    dp = getattr(cli.model, "dp", None)
+    if dp is not None:
+        result.privacy = dp.report()
+        params = list(cli.model.parameters())
+        result.trained_fraction = sum(p.numel() for p in params if p.requires_grad) / sum(p.numel() for p in params)
+    return result
 
 
 def summary(results: list[StageResult]) -> str:
@@ -65,6 +77,11 @@ def summary(results: list[StageResult]) -> str:
         lines.append(f"{'':<23}logs: {r.log_dir}")
         if r.grid:
             lines.append(f"{'':<23}samples: {r.grid}")
+        if r.privacy:
+            p = r.privacy
+            lines.append(f"{'':<23}DP-SGD: epsilon = {p['privacy/epsilon']:.2f} spent at delta = {p['privacy/delta']:.2g}; "
+                         f"sigma = {p['privacy/noise_multiplier']:.3f}, q = {p['privacy/sample_rate']:.4f}, "
+                         f"steps = {int(p['privacy/steps'])}; trained {r.trained_fraction:.1%} of the parameters")
     lines.append(f"{'total':<12}{sum(r.seconds for r in results):>8.0f}s")
     final = results[-1].grid if results else None
     if final:

@@ -54,6 +54,7 @@ def test_config_chain_instantiates(name, tmp_path, cifar_root, imagenet_root):
     cli.model.export_pretrained(str(tmp_path / "ldm"))
 
     ft_data = ["--data.init_args.root", str(cifar_root), "--data.init_args.download", "false"] if name == "cifar10" else []
-    cli = instantiate(ft_cfg, *ft_data, AE_PATH, str(tmp_path / "ae"), UNET_PATH, str(tmp_path / "ldm"))
+    init = ["--model.init_args.conditioner.init_args.init_from", str(tmp_path / "ldm")] if name == "quickstart" else []
+    cli = instantiate(ft_cfg, *ft_data, AE_PATH, str(tmp_path / "ae"), UNET_PATH, str(tmp_path / "ldm"), *init)
     check_data_compatible(cli.model, cli.datamodule)
     assert cli.datamodule.num_train_samples > 0

@@ -49,6 +49,9 @@ def test_quickstart_runs_every_stage_and_writes_a_grid(quickstart_run, capsys):
     assert grid is not None and os.path.getsize(grid) > 0
     text = quickstart.summary(results)
     assert "finetune" in text and grid in text and "total" in text
+    dp = results[-1].privacy  # the fine-tune is DP: its summary line reports what it spent
+    assert dp is not None and dp["privacy/steps"] == 1 and 0 < dp["privacy/epsilon"] <= 10
+    assert "DP-SGD: epsilon" in text and 0 < results[-1].trained_fraction < 1
 
 
 def test_exported_scale_factor_is_measured_on_public_data(quickstart_run):

@@ -42,14 +42,33 @@ class ClassEmbedder(Conditioner):
         num_classes: number of real classes.
         embed_dim: token width D (= the UNet's ``cross_attention_dim``).
         num_tokens: tokens per class T.
+        init_from: a *public* embedder's weights (``conditioner.pt`` of a stage-2 export, or its folder) to
+            start from: public knowledge, no privacy cost.
+        init_classes: for each class here, the public class whose embedding it starts from (default: the
+            same index); the null class starts from the public null class.
     """
 
     input_key = "label"
 
-    def __init__(self, num_classes: int, embed_dim: int = 64, num_tokens: int = 4):
+    def __init__(self, num_classes: int, embed_dim: int = 64, num_tokens: int = 4, init_from: str | None = None,
+                 init_classes: list[int] | None = None):
         super().__init__()
         self.num_classes, self.embed_dim, self.num_tokens = num_classes, embed_dim, num_tokens
         self.embedding = nn.Embedding(num_classes + 1, embed_dim * num_tokens)  # last row: null class
+        if init_from is not None:
+            self._init_from(init_from, init_classes or list(range(num_classes)))
+
+    def _init_from(self, path: str, classes: list[int]) -> None:
+        field = "model.init_args.conditioner.init_args"
+        path = os.path.join(path, "conditioner.pt") if os.path.isdir(path) else path
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{field}.init_from = {path!r}: no such file (stage 2 exports conditioner.pt)")
+        public = torch.load(path, map_location="cpu", weights_only=True)["embedding.weight"]  # [C_pub + 1, T*D]
+        if public.shape[1] != self.embedding.weight.shape[1] or len(classes) != self.num_classes:
+            raise ValueError(f"{field}: public embedding {tuple(public.shape)} and init_classes ({len(classes)}) "
+                             f"do not fit {self.num_classes} classes x {self.num_tokens} tokens x {self.embed_dim}")
+        with torch.no_grad():
+            self.embedding.weight.copy_(public[[*classes, public.shape[0] - 1]])
 
     def forward(self, labels: Tensor) -> Tensor:
         return self.embedding(labels).view(labels.shape[0], self.num_tokens, self.embed_dim)

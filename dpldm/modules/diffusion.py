@@ -24,7 +24,7 @@ from dpldm.modules.conditioning import Conditioner
 from dpldm.modules.loss import LossWeighting, TimestepSampler, UniformTimesteps, UnitWeighting, denoising_loss
 from dpldm.modules.sampling import sample_latents
 from dpldm.modules.unet import unet_downsample_factor
-from dpldm.privacy.engine import DPSGDEngine, fold_noise_draws, micro_batches
+from dpldm.privacy.engine import DPSGDEngine
 from dpldm.privacy.sampling import poisson_rate
 from dpldm.privacy.scope import TrainableScope, count
 from dpldm.privacy.settings import DifferentialPrivacy, check_trainer, plan
@@ -128,6 +128,9 @@ class LatentDiffusion(L.LightningModule):
         dm.poisson_seed = self.dp.sampler_seed(trainer.global_step)
 
     def on_fit_start(self) -> None:
+        # Lightning keeps submodule modes as found; a UNet from `from_pretrained` arrives in eval mode.
+        # Train mode for the trained parts (the frozen ones refuse it): dropout, and Opacus hooks, need it.
+        self.train()
         n_train, n_all = count(self.trainable_parameters()), count(list(self.parameters()))
         self.print(f"trainable scope: {n_train:,} of {n_all:,} parameters ({n_train / n_all:.1%}); "
                    f"{1 - n_train / n_all:.1%} fewer than training everything")
@@ -176,19 +179,8 @@ class LatentDiffusion(L.LightningModule):
         if self.dp.exhausted():  # one more step would exceed the target epsilon
             self.trainer.should_stop = True
             return None
-        opt = self.optimizers()
-        n = len(batch["image"]) if batch else 0
-        if n == 0:
-            self.dp.empty_batch()
-        total = 0.0
-        for chunk in micro_batches(batch, self.privacy.max_physical_batch_size) if n else ():
-            loss = self.per_example_loss(chunk)  # [b]: K draws already averaged per example
-            self.manual_backward(loss.sum())
-            fold_noise_draws(self.dp.params, len(loss), self.noise_draws)
-            total += float(loss.detach().sum())
-        opt.step()  # clip per example, add noise, divide by B, then the inner optimizer's step
-        opt.zero_grad(set_to_none=True)
-        self.dp.step_taken()
+        total, n = self.dp.step(batch, self.per_example_loss, self.optimizers(), self.noise_draws,
+                                backward=self.manual_backward)
         if self.privacy.log_private_metrics and n:
             self.log("train/loss", total / n, prog_bar=True, batch_size=n)
         return None
@@ -259,9 +251,12 @@ class LatentDiffusion(L.LightningModule):
         return images
 
     def export_pretrained(self, dirpath: str) -> None:
-        """Write the UNet (EMA weights if kept) in diffusers format to ``dirpath/unet``."""
+        """Write the UNet (EMA weights if kept) in diffusers format to ``dirpath/unet``, and a trained
+        conditioner's weights to ``dirpath/conditioner.pt``."""
         with self.ema_weights():
             self.unet.save_pretrained(os.path.join(dirpath, "unet"))
+            if any(p.requires_grad for p in self.conditioner.parameters()):
+                torch.save(self.conditioner.state_dict(), os.path.join(dirpath, "conditioner.pt"))
 
 
 def check_data_compatible(model: LatentDiffusion, dm: object) -> None:

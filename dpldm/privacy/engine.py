@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from opacus.grad_sample import GradSampleHooks
 from opacus.optimizers import DPOptimizer
-from torch import nn
+from torch import Tensor, nn
 
 from dpldm.privacy.accounting import PrivacyAccountant, calibrate_noise, max_steps_within
 from dpldm.privacy.settings import DifferentialPrivacy, PrivacyPlan
@@ -115,6 +115,34 @@ class DPSGDEngine:
                            expected_batch_size=self.plan.expected_batch_size, loss_reduction="mean",
                            generator=None if self.settings.secure_mode else self.noise_generator,
                            secure_mode=self.settings.secure_mode)
+
+    def step(self, batch: dict, per_example_loss: Callable[[dict], Tensor], optimizer: torch.optim.Optimizer,
+             noise_draws: int = 1, backward: Callable[[Tensor], None] = Tensor.backward) -> tuple[float, int]:
+        """One DP-SGD step over a Poisson batch (possibly empty ``{}``), in physical micro-batches.
+
+        Args:
+            batch: the logical batch (dict of batch-first tensors or lists).
+            per_example_loss: micro-batch -> loss per example [b] (K draws averaged).
+            optimizer: the optimizer from :meth:`wrap`.
+            noise_draws: K, the rows per example the UNet sees.
+            backward: how to backpropagate (Lightning's ``manual_backward`` for precision plugins).
+
+        Returns:
+            (sum of the per-example losses, number of examples): for declared, non-private logging only.
+        """
+        n = len(next(iter(batch.values()))) if batch else 0
+        if n == 0:
+            self.empty_batch()
+        total = 0.0
+        for chunk in micro_batches(batch, self.settings.max_physical_batch_size) if n else ():
+            loss = per_example_loss(chunk)  # [b]
+            backward(loss.sum())
+            fold_noise_draws(self.params, len(loss), noise_draws)
+            total += float(loss.detach().sum())
+        optimizer.step()  # clip per example, add N(0, sigma^2 C^2), divide by B, inner optimizer step
+        optimizer.zero_grad(set_to_none=True)
+        self.step_taken()
+        return total, n
 
     def exhausted(self) -> bool:
         """True when one more step would exceed the target epsilon."""

@@ -112,6 +112,10 @@ def check_trainer(trainer: object) -> None:
     if connector is not None and connector.use_distributed_sampler:
         raise ConfigError("trainer.use_distributed_sampler", True,
                           "must be false for DP stages: Lightning would replace the Poisson sampler")
+    if getattr(trainer, "world_size", 1) > 1:
+        raise ConfigError("trainer.devices", trainer.world_size,
+                          "DP fine-tuning runs on one device for now: under DDP each rank would add its own "
+                          "noise (multi-GPU DP, with noise added once for the global batch, is planned)")
     if getattr(trainer, "gradient_clip_val", None):
         raise ConfigError("trainer.gradient_clip_val", trainer.gradient_clip_val,
                           f"must be unset with DP: clipping is per example ({FIELD}.max_grad_norm)")

@@ -47,3 +47,16 @@ def test_text_encoder_is_frozen_and_returns_tokens(tiny_clip_name):
 def test_text_encoder_missing_checkpoint_names_the_key(tiny_clip_name, tmp_path):
     with pytest.raises(FileNotFoundError, match="conditioner.init_args.checkpoint"):
         OpenCLIPTextEncoder(tiny_clip_name, checkpoint=str(tmp_path / "missing.pt"))
+
+
+def test_class_embedder_starts_from_public_classes(tmp_path):
+    public = ClassEmbedder(num_classes=36, embed_dim=8, num_tokens=2)
+    torch.save(public.state_dict(), tmp_path / "conditioner.pt")
+    private = ClassEmbedder(num_classes=3, embed_dim=8, num_tokens=2, init_from=str(tmp_path), init_classes=[5, 0, 7])
+    w, pw = private.embedding.weight, public.embedding.weight
+    assert torch.equal(w[0], pw[5]) and torch.equal(w[1], pw[0]) and torch.equal(w[2], pw[7])
+    assert torch.equal(w[3], pw[36])  # null class from the public null class
+    with pytest.raises(ValueError, match="do not fit"):
+        ClassEmbedder(num_classes=3, embed_dim=4, num_tokens=2, init_from=str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="init_from"):
+        ClassEmbedder(num_classes=3, embed_dim=8, init_from=str(tmp_path / "missing.pt"))

@@ -57,8 +57,8 @@ def test_planned_steps_from_max_steps_or_epochs():
 
 
 class _Trainer:
-    def __init__(self, accumulate=1, distributed=False, clip=None):
-        self.accumulate_grad_batches, self.gradient_clip_val = accumulate, clip
+    def __init__(self, accumulate=1, distributed=False, clip=None, world_size=1):
+        self.accumulate_grad_batches, self.gradient_clip_val, self.world_size = accumulate, clip, world_size
         self._accelerator_connector = type("C", (), {"use_distributed_sampler": distributed})()
 
 
@@ -66,6 +66,7 @@ class _Trainer:
     (_Trainer(accumulate=4), "trainer.accumulate_grad_batches"),
     (_Trainer(distributed=True), "trainer.use_distributed_sampler"),
     (_Trainer(clip=1.0), "trainer.gradient_clip_val"),
+    (_Trainer(world_size=2), "trainer.devices"),
 ])
 def test_trainer_settings_that_break_dp(trainer, field):
     with pytest.raises(ConfigError, match=field):

@@ -1,0 +1,132 @@
+"""Benchmark: step time and peak memory of DP-SGD vs non-private training, side by side in one run.
+
+For each geometry and batch size it runs, each in a fresh process (so peak memory is its own):
+  non-DP and DP at the attention scope (DP-LDM), and non-DP and DP at the full scope (the baseline).
+DP steps use Poisson-free fixed batches of the same size (sampling costs nothing measurable) split in
+physical micro-batches of ``--physical``; non-DP steps run the batch at once.
+
+    python bench/dp_step.py                      # all geometries, batch 64 and 256
+    python bench/dp_step.py --geometries quickstart --batch-sizes 64 --steps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+GEOMETRIES = {
+    # the quickstart model: 32x32x1 images -> 8x8x4 latents, UNet (64, 128) with attention at both levels
+    "quickstart": dict(image=(1, 32), ae=dict(in_channels=1, latent_channels=4, block_out_channels=(32, 64, 64),
+                                              norm_num_groups=16),
+                       unet=dict(sample_size=8, in_channels=4, block_out_channels=(64, 128), attention=(True, True),
+                                 attention_head_dim=32, cross_attention_dim=64)),
+    # DP-LDM's CIFAR-10 geometry (32x32x3 -> 16x16x3, f = 2; attention at every level), channels halved for CPU
+    "cifar": dict(image=(3, 32), ae=dict(in_channels=3, latent_channels=3, block_out_channels=(64, 128),
+                                         norm_num_groups=32),
+                  unet=dict(sample_size=16, in_channels=3, block_out_channels=(64, 128, 256),
+                            attention=(True, True, True), layers_per_block=2, attention_head_dim=32,
+                            cross_attention_dim=256)),
+}
+
+
+def peak_rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+def measure(geometry: str, batch: int, scope: str, dp: bool, steps: int, physical: int) -> dict:
+    """Runs in a child process: median step time and peak RSS growth over the timed steps."""
+    import torch
+
+    from dpldm.modules import ClassEmbedder, FrozenAutoencoder, LatentDiffusion, build_autoencoder, build_unet
+    from dpldm.privacy import DifferentialPrivacy, DPSGDEngine, TrainableScope
+    from dpldm.privacy.settings import PrivacyPlan
+
+    torch.manual_seed(0)
+    g = GEOMETRIES[geometry]
+    cond = ClassEmbedder(10, embed_dim=g["unet"]["cross_attention_dim"])
+    model = LatentDiffusion(build_unet(**g["unet"]), FrozenAutoencoder(build_autoencoder(**g["ae"])), cond,
+                            scope=TrainableScope(scope)).train()
+    params = model.trainable_parameters()
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    c, size = g["image"]
+    data = {"image": torch.rand(batch, c, size, size) * 2 - 1, "label": torch.arange(batch) % 10}
+    if dp:
+        settings = DifferentialPrivacy(noise_multiplier=1.0, epsilon=None, max_physical_batch_size=physical, seed=0)
+        engine = DPSGDEngine(settings, PrivacyPlan(50_000, batch, batch / 50_000, 1e-5, 1000), model.trained_modules)
+        opt = engine.wrap(opt)
+
+    def step() -> None:
+        if dp:
+            engine.step(data, model.per_example_loss, opt)
+        else:
+            model.per_example_loss(data).mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    step()  # warm-up (allocator, first-call overheads)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak-RSS counter
+    base = rss_mb()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    trained = sum(p.numel() for p in params)
+    total = sum(p.numel() for p in model.parameters())
+    return {"time": statistics.median(times), "mem": peak_rss_mb() - base, "trained": trained, "total": total}
+
+
+def run_child(args: list[str]) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--geometries", nargs="+", default=list(GEOMETRIES), choices=list(GEOMETRIES))
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=[64, 256])
+    p.add_argument("--steps", type=int, default=3, help="timed steps per configuration (after one warm-up)")
+    p.add_argument("--physical", type=int, default=64, help="DP physical micro-batch size")
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--child", nargs=4, metavar=("GEOMETRY", "BATCH", "SCOPE", "DP"), help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.child:
+        import torch
+
+        torch.set_num_threads(a.threads)
+        geometry, batch, scope, dp = a.child
+        print(json.dumps(measure(geometry, int(batch), scope, dp == "1", a.steps, a.physical)))
+        return
+    print(f"dpldm DP step benchmark: {a.steps} timed steps each, DP physical micro-batch {a.physical}, "
+          f"{a.threads} threads; time = median s/step, mem = peak RSS growth (MB) during the steps")
+    header = (f"{'geometry':<11}{'batch':>6} {'scope':<10}{'trained':>11}{'nonDP s':>9}{'DP s':>8}{'DP/non':>8}"
+              f"{'nonDP MB':>10}{'DP MB':>8}{'mem x':>7}")
+    print(header)
+    for geometry in a.geometries:
+        for batch in a.batch_sizes:
+            dp_times = {}
+            for scope in ("attention", "full"):
+                common = ["--steps", str(a.steps), "--physical", str(a.physical), "--threads", str(a.threads)]
+                base = run_child([*common, "--child", geometry, str(batch), scope, "0"])
+                priv = run_child([*common, "--child", geometry, str(batch), scope, "1"])
+                dp_times[scope] = priv["time"]
+                print(f"{geometry:<11}{batch:>6} {scope:<10}{base['trained'] / base['total']:>10.1%} "
+                      f"{base['time']:>8.3f}{priv['time']:>8.3f}{priv['time'] / base['time']:>7.2f}x"
+                      f"{base['mem']:>10.0f}{priv['mem']:>8.0f}{priv['mem'] / max(base['mem'], 1):>6.2f}x", flush=True)
+            print(f"{'':<17} DP attention vs DP full: {dp_times['attention'] / dp_times['full']:.2f}x the time")
+
+
+if __name__ == "__main__":
+    main()
