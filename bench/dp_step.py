@@ -20,10 +20,10 @@ import sys
 import time
 
 GEOMETRIES = {
-    # the quickstart model: 32x32x1 images -> 8x8x4 latents, UNet (64, 128) with attention at both levels
+    # the quickstart model: 32x32x1 images -> 8x8x4 latents, UNet (64, 128), attention at the 4x4 level + middle
     "quickstart": dict(image=(1, 32), ae=dict(in_channels=1, latent_channels=4, block_out_channels=(32, 64, 64),
                                               norm_num_groups=16),
-                       unet=dict(sample_size=8, in_channels=4, block_out_channels=(64, 128), attention=(True, True),
+                       unet=dict(sample_size=8, in_channels=4, block_out_channels=(64, 128), attention=(False, True),
                                  attention_head_dim=32, cross_attention_dim=64)),
     # DP-LDM's CIFAR-10 geometry (32x32x3 -> 16x16x3, f = 2; attention at every level), channels halved for CPU
     "cifar": dict(image=(3, 32), ae=dict(in_channels=3, latent_channels=3, block_out_channels=(64, 128),
@@ -89,7 +89,9 @@ def measure(geometry: str, batch: int, scope: str, dp: bool, steps: int, physica
 
 
 def run_child(args: list[str]) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"benchmark child {args} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -5,8 +5,9 @@ One logical step over a Poisson batch of n examples (expected size B = qN):
   for each physical micro-batch:   loss_i = mean_k l(x_i, t_ik, eps_ik)    (K draws -> one loss per example)
                                    backward of sum_i loss_i; per-row gradients from Opacus hooks
                                    rows of the same example summed          -> g_i (the *whole* gradient)
-  clip:   g_i <- g_i * min(1, C / ||g_i||)       over all trained parameters at once
-  noise:  g = (sum_i g_i + N(0, sigma^2 C^2 I)) / B                          (Opacus DPOptimizer)
+                                   clip g_i <- g_i * min(1, C / ||g_i||) over all trained parameters at
+                                   once, add to the running sum, free the g_i
+  noise:  g = (sum_i g_i + N(0, sigma^2 C^2 I)) / B, once                    (Opacus DPOptimizer)
   account one step of the subsampled Gaussian mechanism (q, sigma).
 
 Hooks go only on the trained modules; frozen layers get no per-sample work.
@@ -120,26 +121,36 @@ class DPSGDEngine:
              noise_draws: int = 1, backward: Callable[[Tensor], None] = Tensor.backward) -> tuple[float, int]:
         """One DP-SGD step over a Poisson batch (possibly empty ``{}``), in physical micro-batches.
 
+        Each micro-batch is clipped as soon as its per-example gradients exist and only the clipped sum is
+        kept (Opacus's skipped-step accumulation), so per-example gradients of one micro-batch at a time
+        are ever in memory. Noise is added once, at the last micro-batch.
+
         Args:
             batch: the logical batch (dict of batch-first tensors or lists).
             per_example_loss: micro-batch -> loss per example [b] (K draws averaged).
-            optimizer: the optimizer from :meth:`wrap`.
+            optimizer: the optimizer from :meth:`wrap` (or Lightning's wrapper around it).
             noise_draws: K, the rows per example the UNet sees.
             backward: how to backpropagate (Lightning's ``manual_backward`` for precision plugins).
 
         Returns:
             (sum of the per-example losses, number of examples): for declared, non-private logging only.
         """
+        dp_optimizer = getattr(optimizer, "optimizer", optimizer)  # the DPOptimizer under Lightning's wrapper
         n = len(next(iter(batch.values()))) if batch else 0
-        if n == 0:
-            self.empty_batch()
+        chunks = list(micro_batches(batch, self.settings.max_physical_batch_size)) if n else []
         total = 0.0
-        for chunk in micro_batches(batch, self.settings.max_physical_batch_size) if n else ():
+        for i, chunk in enumerate(chunks):
             loss = per_example_loss(chunk)  # [b]
             backward(loss.sum())
             fold_noise_draws(self.params, len(loss), noise_draws)
             total += float(loss.detach().sum())
-        optimizer.step()  # clip per example, add N(0, sigma^2 C^2), divide by B, inner optimizer step
+            if i < len(chunks) - 1:  # clip and accumulate this micro-batch; no noise, no update yet
+                dp_optimizer.signal_skip_step(True)
+                dp_optimizer.step()
+                dp_optimizer.zero_grad(set_to_none=True)
+        if not chunks:
+            self.empty_batch()
+        optimizer.step()  # clip the last micro-batch, add N(0, sigma^2 C^2) once, divide by B, step
         optimizer.zero_grad(set_to_none=True)
         self.step_taken()
         return total, n

@@ -164,3 +164,55 @@ def test_engine_rejects_an_optimizer_over_other_parameters():
     engine = make_engine(model, 4)
     with pytest.raises(ConfigError, match="trainable scope"):
         engine.wrap(torch.optim.SGD(model.unet.parameters(), lr=0.1))  # includes frozen parameters
+
+
+class _Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.LayerNorm(7), torch.nn.Linear(7, 3))
+
+    def loss(self, chunk):  # deterministic per-example loss [b]
+        return (self.net(chunk["x"]) - chunk["y"]).pow(2).mean(1)
+
+
+@pytest.mark.parametrize("sigma", [0.0, 1.5])
+def test_engine_step_is_the_same_for_any_micro_batching(sigma):
+    g = torch.Generator().manual_seed(0)
+    data = {"x": torch.randn(9, 5, generator=g), "y": torch.randn(9, 3, generator=g)}
+    results = []
+    for physical in (9, 4, 1):
+        model = _Tiny()
+        settings = DifferentialPrivacy(noise_multiplier=sigma, epsilon=None, max_grad_norm=0.05,
+                                       max_physical_batch_size=physical, seed=0)
+        engine = DPSGDEngine(settings, PrivacyPlan(90, 9, 0.1, 1e-3, 10), [model.net])
+        opt = engine.wrap(torch.optim.SGD(model.net.parameters(), lr=1.0))
+        engine.step(data, model.loss, opt)
+        assert engine.accountant.steps == 1
+        results.append(torch.cat([p.detach().flatten() for p in model.net.parameters()]))
+    torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-6)  # same clipping, same noise
+    torch.testing.assert_close(results[2], results[0], rtol=1e-5, atol=1e-6)
+
+
+def test_engine_step_with_clipping_matches_manual_dp_sgd():
+    g = torch.Generator().manual_seed(1)
+    data = {"x": torch.randn(6, 5, generator=g), "y": torch.randn(6, 3, generator=g)}
+    model, ref = _Tiny(), _Tiny()
+    clip, expected_b = 0.05, 8
+    settings = DifferentialPrivacy(noise_multiplier=0.0, epsilon=None, max_grad_norm=clip,
+                                   max_physical_batch_size=4, seed=0)
+    engine = DPSGDEngine(settings, PrivacyPlan(80, expected_b, 0.1, 1e-3, 10), [model.net])
+    engine.step(data, model.loss, engine.wrap(torch.optim.SGD(model.net.parameters(), lr=1.0)))
+    # brute force: per-example gradient, clip its whole norm to C, sum, divide by the expected B
+    params = list(ref.net.parameters())
+    total = [torch.zeros_like(p) for p in params]
+    for i in range(6):
+        grads = torch.autograd.grad(ref.loss({k: v[i:i + 1] for k, v in data.items()}).sum(), params)
+        norm = torch.sqrt(sum(gr.pow(2).sum() for gr in grads))
+        for t, gr in zip(total, grads):
+            t += gr * min(1.0, clip / (norm.item() + 1e-6))
+    with torch.no_grad():
+        for p, t in zip(params, total):
+            p -= t / expected_b
+    for a, b in zip(model.net.parameters(), params):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
