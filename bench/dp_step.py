@@ -99,7 +99,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--geometries", nargs="+", default=list(GEOMETRIES), choices=list(GEOMETRIES))
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[64, 256])
-    p.add_argument("--steps", type=int, default=3, help="timed steps per configuration (after one warm-up)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per configuration (after one warm-up)")
     p.add_argument("--physical", type=int, default=64, help="DP physical micro-batch size")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--child", nargs=4, metavar=("GEOMETRY", "BATCH", "SCOPE", "DP"), help=argparse.SUPPRESS)
