@@ -24,6 +24,7 @@ from opacus.grad_sample import GradSampleHooks
 from opacus.optimizers import DPOptimizer
 from torch import Tensor, nn
 
+from dpldm.errors import ConfigError
 from dpldm.privacy.accounting import PrivacyAccountant, calibrate_noise, max_steps_within
 from dpldm.privacy.settings import DifferentialPrivacy, PrivacyPlan
 
@@ -102,8 +103,6 @@ class DPSGDEngine:
         """The optimizer that clips, noises and divides by B before its step."""
         opt_params = {id(p) for g in optimizer.param_groups for p in g["params"]}
         if opt_params != {id(p) for p in self.params}:
-            from dpldm.errors import ConfigError
-
             raise ConfigError("model.init_args.optimizer", type(optimizer).__name__,
                               "must update exactly the parameters of the trainable scope")
         device = self.params[0].device

@@ -116,6 +116,9 @@ def check_trainer(trainer: object) -> None:
         raise ConfigError("trainer.devices", trainer.world_size,
                           "DP fine-tuning runs on one device for now: under DDP each rank would add its own "
                           "noise (multi-GPU DP, with noise added once for the global batch, is planned)")
+    if str(getattr(trainer, "precision", "32-true")).startswith("16"):
+        raise ConfigError("trainer.precision", trainer.precision,
+                          "fp16 loss scaling does not compose with per-example clipping; use 32-true or bf16-mixed")
     if getattr(trainer, "gradient_clip_val", None):
         raise ConfigError("trainer.gradient_clip_val", trainer.gradient_clip_val,
                           f"must be unset with DP: clipping is per example ({FIELD}.max_grad_norm)")

@@ -104,3 +104,22 @@ def test_distributed_sampler_must_be_off(tmp_path):
     t = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False)  # use_distributed_sampler defaults to True
     with pytest.raises(ConfigError, match="use_distributed_sampler"):
         t.fit(dp_model(), data())
+
+
+def test_refuses_to_train_without_the_poisson_sampler(tmp_path):
+    class Shuffled(DigitsDataModule):  # a data module that ignores the DP model's request for Poisson sampling
+        def train_dataloader(self):
+            self.poisson_seed = None
+            return super().train_dataloader()
+
+    with pytest.raises(RuntimeError, match="without the Poisson sampler"):
+        trainer(tmp_path, 2, enable_checkpointing=False).fit(dp_model(), Shuffled(image_size=8, batch_size=16))
+
+
+def test_the_loader_in_use_samples_at_the_accounted_rate(tmp_path):
+    from dpldm.privacy.sampling import poisson_rate
+
+    model = dp_model()
+    t = trainer(tmp_path, 1, enable_checkpointing=False)
+    t.fit(model, data())
+    assert poisson_rate(t.train_dataloader) == pytest.approx(model.dp.plan.sample_rate)

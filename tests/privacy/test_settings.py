@@ -57,8 +57,9 @@ def test_planned_steps_from_max_steps_or_epochs():
 
 
 class _Trainer:
-    def __init__(self, accumulate=1, distributed=False, clip=None, world_size=1):
+    def __init__(self, accumulate=1, distributed=False, clip=None, world_size=1, precision="32-true"):
         self.accumulate_grad_batches, self.gradient_clip_val, self.world_size = accumulate, clip, world_size
+        self.precision = precision
         self._accelerator_connector = type("C", (), {"use_distributed_sampler": distributed})()
 
 
@@ -67,10 +68,16 @@ class _Trainer:
     (_Trainer(distributed=True), "trainer.use_distributed_sampler"),
     (_Trainer(clip=1.0), "trainer.gradient_clip_val"),
     (_Trainer(world_size=2), "trainer.devices"),
+    (_Trainer(precision="16-mixed"), "trainer.precision"),
 ])
 def test_trainer_settings_that_break_dp(trainer, field):
     with pytest.raises(ConfigError, match=field):
         check_trainer(trainer)
+
+
+def test_plain_trainer_settings_pass():
+    check_trainer(_Trainer())
+    check_trainer(_Trainer(precision="bf16-mixed"))
 
 
 def test_iterable_dataset_is_rejected():
