@@ -134,6 +134,9 @@ class LatentDiffusion(L.LightningModule):
         n_train, n_all = count(self.trainable_parameters()), count(list(self.parameters()))
         self.print(f"trainable scope: {n_train:,} of {n_all:,} parameters ({n_train / n_all:.1%}); "
                    f"{1 - n_train / n_all:.1%} fewer than training everything")
+        for logger in self.trainer.loggers:
+            logger.log_hyperparams({"scope/trained_parameters": n_train, "scope/total_parameters": n_all,
+                                    "scope/reduction": 1 - n_train / n_all})
 
     def on_train_start(self) -> None:
         if self.dp is not None:  # invariant: the loader in use is the Poisson one, at the accounted rate

@@ -61,6 +61,11 @@ def test_logged_epsilon_is_the_accountants_for_the_logged_parameters(tmp_path):
     assert float(row["privacy/epsilon"]) == pytest.approx(epsilon_for(sigma, q, int(steps), delta, "prv"), rel=1e-6)
     assert float(row["privacy/epsilon"]) <= 8.0
     assert "train/loss" not in row or not row["train/loss"]  # private losses are not logged by default
+    import yaml
+
+    hparams = yaml.safe_load(open(next(tmp_path.glob("logs/version_*/hparams.yaml"))))
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert hparams["scope/trained_parameters"] == trained and 0 < hparams["scope/reduction"] < 1
 
 
 class Kill(L.Callback):
