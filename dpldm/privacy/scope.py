@@ -98,7 +98,7 @@ class TrainableScope:
         trained = self.modules(unet)
         for m in trained:
             m.requires_grad_(True)
-        if self.conditioner and any(True for _ in conditioner.parameters()) and _is_trainable_conditioner(conditioner):
+        if self.conditioner and _is_trainable_conditioner(conditioner):
             conditioner.requires_grad_(True)
             trained.append(conditioner)
         check_no_batchnorm(trained)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 
@@ -123,7 +122,3 @@ def check_trainer(trainer: object) -> None:
         raise ConfigError("trainer.gradient_clip_val", trainer.gradient_clip_val,
                           f"must be unset with DP: clipping is per example ({FIELD}.max_grad_norm)")
 
-
-def noise_std(dp: DifferentialPrivacy, sigma: float, expected_batch_size: int) -> float:
-    """Standard deviation of the noise in the averaged update: sigma C / B."""
-    return sigma * dp.max_grad_norm / expected_batch_size if math.isfinite(sigma) else math.inf
