@@ -123,6 +123,14 @@ class ImageDataModule(pl.LightningDataModule):
         """Number of training examples (builds the training split if needed)."""
         return len(self._ensure("train"))
 
+    def cache_dataset(self) -> Dataset:
+        """The training split without random augmentation, in a fixed order: what a latent cache
+        (:class:`dpldm.datamodules.LatentCacheDataModule`) encodes; flips become cached views."""
+        dataset = self._ensure("train")
+        if isinstance(dataset, TensorImageDataset) and dataset.flip:
+            return TensorImageDataset(dataset.images, dataset.labels, flip=False)
+        return dataset
+
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         """Wrap ``dataset`` in a DataLoader with this module's settings.
 

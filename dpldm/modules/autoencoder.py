@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from diffusers import AutoencoderKL
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import Tensor, nn
 
 from dpldm.modules.hub import load_pretrained
@@ -94,11 +95,23 @@ class FrozenAutoencoder(nn.Module):
         return self.vae.config.in_channels
 
     @torch.no_grad()
-    def encode(self, images: Tensor) -> Tensor:
-        """images [B, C, H, W] in [-1, 1] -> scaled latents [B, c, H/f, W/f]."""
-        posterior = self.vae.encode(images).latent_dist
+    def moments(self, images: Tensor) -> Tensor:
+        """images [B, C, H, W] in [-1, 1] -> posterior moments [B, 2c, H/f, W/f]: (mean, log-variance),
+        unscaled. This is what a latent cache stores: the scale factor and the choice between sample
+        and mean stay with the model."""
+        return self.vae.encode(images).latent_dist.parameters
+
+    @torch.no_grad()
+    def from_moments(self, moments: Tensor) -> Tensor:
+        """posterior moments [B, 2c, h, w] -> scaled latents [B, c, h, w] (a sample of q(z|x) or its mean)."""
+        posterior = DiagonalGaussianDistribution(moments)
         z = posterior.sample() if self.sample_posterior else posterior.mode()
         return z * self.scale_factor
+
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> Tensor:
+        """images [B, C, H, W] in [-1, 1] -> scaled latents [B, c, H/f, W/f]."""
+        return self.from_moments(self.moments(images))
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:

@@ -161,8 +161,11 @@ class LatentDiffusion(L.LightningModule):
     # --- training ---
     def per_example_loss(self, batch: dict) -> Tensor:
         """Denoising loss per example [B] (mean over the K noise draws)."""
-        latents = self.autoencoder.encode(batch["image"])  # [B, c, h, w]
-        cond = batch[self.conditioner.input_key]
+        if "moments" in batch:  # from a latent cache: posterior moments computed once, [B, 2c, h, w]
+            latents = self.autoencoder.from_moments(batch["moments"])  # [B, c, h, w]
+        else:  # the DP-LDM way: through the frozen encoder on every step
+            latents = self.autoencoder.encode(batch["image"])  # [B, c, h, w]
+        cond = self.conditioner.select(batch)
         if self.training and self.cond_drop_prob > 0:
             drop = torch.rand(len(cond), device=latents.device) < self.cond_drop_prob
             cond = self.conditioner.drop(cond, drop)
@@ -174,7 +177,7 @@ class LatentDiffusion(L.LightningModule):
         if self.dp is not None:
             return self._dp_training_step(batch)
         loss = self.per_example_loss(batch).mean()
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["image"]))
+        self.log("train/loss", loss, prog_bar=True, batch_size=_batch_size(batch))
         return loss
 
     def _dp_training_step(self, batch: dict) -> None:
@@ -192,7 +195,7 @@ class LatentDiffusion(L.LightningModule):
         if self.dp is not None and not self.privacy.log_private_metrics:
             return  # the validation loss of private data is not DP: logged only when declared
         loss = self.per_example_loss(batch).mean()
-        self.log("val/loss", loss, prog_bar=True, batch_size=len(batch["image"]))
+        self.log("val/loss", loss, prog_bar=True, batch_size=_batch_size(batch))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         optimizer = self.optimizer_factory(self.trainable_parameters())
@@ -240,7 +243,7 @@ class LatentDiffusion(L.LightningModule):
     # --- sampling and export ---
     @torch.no_grad()
     def sample(self, cond: object, guidance_scale: float | None = None, num_steps: int | None = None,
-               generator: torch.Generator | None = None, progress: bool = False) -> Tensor:
+               generator: torch.Generator | None = None, progress: bool = False, eta: float = 0.0) -> Tensor:
         """Images [B, C, H, W] in [-1, 1] for a batch of conditions (EMA weights if kept)."""
         was_training = self.training
         self.eval()
@@ -248,7 +251,7 @@ class LatentDiffusion(L.LightningModule):
             z = sample_latents(self.unet, self.conditioner, cond, self.noise_scheduler, self.latent_shape,
                                num_steps or self.sampling_steps,
                                self.guidance_scale if guidance_scale is None else guidance_scale,
-                               generator=generator, progress=progress)
+                               eta=eta, generator=generator, progress=progress)
             images = self.autoencoder.decode(z)
         self.train(was_training)
         return images
@@ -258,8 +261,13 @@ class LatentDiffusion(L.LightningModule):
         conditioner's weights to ``dirpath/conditioner.pt``."""
         with self.ema_weights():
             self.unet.save_pretrained(os.path.join(dirpath, "unet"))
-            if any(p.requires_grad for p in self.conditioner.parameters()):
-                torch.save(self.conditioner.state_dict(), os.path.join(dirpath, "conditioner.pt"))
+            trained = {n: p.detach() for n, p in self.conditioner.named_parameters() if p.requires_grad}
+            if trained:  # only the trained part: never a copy of a frozen text tower
+                torch.save(trained, os.path.join(dirpath, "conditioner.pt"))
+
+
+def _batch_size(batch: dict) -> int:
+    return len(batch["moments"] if "moments" in batch else batch["image"])
 
 
 def check_data_compatible(model: LatentDiffusion, dm: object) -> None:
