@@ -15,10 +15,30 @@ from torch import Tensor, nn
 
 
 class Conditioner(nn.Module):
-    """Interface: ``input_key`` names the batch entry; ``embed_dim`` is the token width D."""
+    """Interface: ``input_key`` names the batch entry; ``embed_dim`` is the token width D.
+
+    A conditioner with a frozen, public part (a text encoder) names a ``cache_key``: a latent cache
+    stores :meth:`frozen_features` of the private condition once, and batches read from the cache
+    carry them under that key instead of the raw input.
+    """
 
     input_key: str
     embed_dim: int
+    cache_key: str | None = None
+
+    def select(self, batch: dict) -> Any:
+        """The condition of a batch: cached frozen features when present, else the raw input."""
+        if self.cache_key is not None and self.cache_key in batch:
+            return batch[self.cache_key]
+        return batch[self.input_key]
+
+    def frozen_features(self, cond: Any) -> Tensor:
+        """Output of the frozen part for raw conditions (what a latent cache stores)."""
+        raise NotImplementedError(f"{type(self).__name__} has no frozen part to cache")
+
+    def trainable_modules(self) -> list[nn.Module]:
+        """The parts a trainable scope may train (never a frozen encoder)."""
+        return []
 
     def forward(self, cond: Any) -> Tensor:  # cond -> [B, T, D]
         raise NotImplementedError
@@ -70,6 +90,9 @@ class ClassEmbedder(Conditioner):
         with torch.no_grad():
             self.embedding.weight.copy_(public[[*classes, public.shape[0] - 1]])
 
+    def trainable_modules(self) -> list[nn.Module]:
+        return [self]
+
     def forward(self, labels: Tensor) -> Tensor:
         return self.embedding(labels).view(labels.shape[0], self.num_tokens, self.embed_dim)
 
@@ -81,52 +104,92 @@ class ClassEmbedder(Conditioner):
 
 
 class OpenCLIPTextEncoder(Conditioner):
-    """A frozen open_clip text transformer; returns its per-token features (after ``ln_final``).
+    """A frozen open_clip text transformer; its per-token features (after ``ln_final``), optionally
+    mapped by a learned linear projection to the UNet's cross-attention width.
+
+    The projection is the only trainable part (DP fine-tuning trains it when the scope includes the
+    conditioner); the text tower is public and frozen, so a latent cache can store its features.
 
     Args:
-        model_name: open_clip architecture (e.g. ``ViT-H-14``).
+        model_name: open_clip architecture (e.g. ``ViT-H-14``), or a path to a JSON architecture file
+            (registered with open_clip under the file's stem; random weights unless a checkpoint is given).
         pretrained: open_clip pretrained tag (e.g. ``laion2b_s32b_b79k``), or ``None`` for random weights.
         checkpoint: a local checkpoint file; takes precedence over ``pretrained``.
+        projection_dim: output width D of a learned projection (when the UNet's ``cross_attention_dim``
+            differs from the text width); ``None``: no projection, D = text width.
     """
 
     input_key = "caption"
+    cache_key = "text_features"
 
     def __init__(self, model_name: str = "ViT-H-14", pretrained: str | None = "laion2b_s32b_b79k",
-                 checkpoint: str | None = None):
+                 checkpoint: str | None = None, projection_dim: int | None = None):
         super().__init__()
         import open_clip
 
+        field = "model.init_args.conditioner.init_args"
+        if model_name.endswith(".json"):
+            if not os.path.isfile(model_name):
+                raise FileNotFoundError(f"{field}.model_name = {model_name!r}: no such architecture file")
+            open_clip.add_model_config(model_name)
+            model_name = os.path.splitext(os.path.basename(model_name))[0]
         source = checkpoint if checkpoint is not None else pretrained
         if checkpoint is not None and not os.path.isfile(checkpoint):
-            raise FileNotFoundError(
-                f"model.init_args.conditioner.init_args.checkpoint = {checkpoint!r}: no such file")
+            raise FileNotFoundError(f"{field}.checkpoint = {checkpoint!r}: no such file")
         try:
             model = open_clip.create_model(model_name, pretrained=source, load_weights=source is not None)
         except RuntimeError as err:  # unknown tag / failed download
             raise OSError(
                 f"Could not load open_clip {model_name!r} with pretrained={source!r} (offline?). Download the "
-                "checkpoint on a machine with internet and set `model.init_args.conditioner.init_args.checkpoint` "
-                f"to the file. Original error: {err}") from err
+                f"checkpoint on a machine with internet and set `{field}.checkpoint` to the file. "
+                f"Original error: {err}") from err
+        self.model_name = model_name
         self.tokenizer = open_clip.get_tokenizer(model_name)
         # Keep only the text tower: the image tower is never used here.
         self.token_embedding, self.transformer, self.ln_final = model.token_embedding, model.transformer, model.ln_final
         self.register_buffer("positional_embedding", model.positional_embedding.detach().clone(), persistent=False)
         self.register_buffer("attn_mask", model.attn_mask, persistent=False)
-        self.embed_dim = self.ln_final.weight.shape[0]
-        self.requires_grad_(False).eval()
+        self.requires_grad_(False)
+        self.text_width = self.ln_final.weight.shape[0]
+        self.projection = None if projection_dim is None else nn.Linear(self.text_width, projection_dim)
+        self.embed_dim = projection_dim or self.text_width
+        self._null: dict[torch.device, Tensor] = {}
+        self.eval()
+
+    def frozen_modules(self) -> list[nn.Module]:
+        return [self.token_embedding, self.transformer, self.ln_final]
+
+    def trainable_modules(self) -> list[nn.Module]:
+        return [] if self.projection is None else [self.projection]
 
     def train(self, mode: bool = True) -> "OpenCLIPTextEncoder":
-        return super().train(False)  # always frozen
+        super().train(mode)
+        for m in self.frozen_modules():  # the text tower is always frozen, in eval mode
+            m.train(False)
+        return self
 
     @torch.no_grad()
-    def forward(self, captions: list[str]) -> Tensor:
+    def frozen_features(self, captions: list[str]) -> Tensor:
+        """captions -> per-token features [B, T, text_width] of the frozen tower."""
         tokens = self.tokenizer(list(captions)).to(self.positional_embedding.device)  # [B, T]
-        x = self.token_embedding(tokens) + self.positional_embedding  # [B, T, D]
+        x = self.token_embedding(tokens) + self.positional_embedding  # [B, T, W]
         x = self.transformer(x, attn_mask=self.attn_mask)
-        return self.ln_final(x)  # [B, T, D]
+        return self.ln_final(x)  # [B, T, W]
 
-    def drop(self, captions: list[str], mask: Tensor) -> list[str]:
-        return ["" if m else c for c, m in zip(captions, mask.tolist())]
+    def _null_features(self, device: torch.device) -> Tensor:
+        if device not in self._null:  # the empty caption through the frozen tower: a constant
+            self._null[device] = self.frozen_features([""]).to(device)  # [1, T, W]
+        return self._null[device]
+
+    def forward(self, cond: list[str] | Tensor) -> Tensor:
+        """Captions, or their cached frozen features [B, T, W] -> tokens [B, T, D]."""
+        features = cond if isinstance(cond, Tensor) else self.frozen_features(cond)
+        return features if self.projection is None else self.projection(features)
+
+    def drop(self, cond: list[str] | Tensor, mask: Tensor) -> list[str] | Tensor:
+        if isinstance(cond, Tensor):
+            return torch.where(mask.view(-1, 1, 1), self._null_features(cond.device).to(cond.dtype), cond)
+        return ["" if m else c for c, m in zip(cond, mask.tolist())]
 
     def null(self, batch_size: int) -> list[str]:
         return [""] * batch_size

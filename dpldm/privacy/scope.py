@@ -61,8 +61,8 @@ class TrainableScope:
             the full-model DP baseline).
         blocks: restrict to these transformer blocks, counted input -> middle -> output from 0.
         resolutions: restrict to blocks running at these downsampling factors (1, 2, 4, ...).
-        conditioner: also train the conditioner (class embedding incl. null class). A frozen text
-            encoder is never trained.
+        conditioner: also train the conditioner's trainable parts (class embedding incl. null class; a
+            text encoder's projection). A frozen text encoder is never trained.
     """
 
     def __init__(self, kind: ScopeKind = "attention", blocks: Sequence[int] | None = None,
@@ -98,15 +98,12 @@ class TrainableScope:
         trained = self.modules(unet)
         for m in trained:
             m.requires_grad_(True)
-        if self.conditioner and _is_trainable_conditioner(conditioner):
-            conditioner.requires_grad_(True)
-            trained.append(conditioner)
+        if self.conditioner:
+            for m in conditioner.trainable_modules():  # a frozen text encoder offers none
+                m.requires_grad_(True)
+                trained.append(m)
         check_no_batchnorm(trained)
         return trained
-
-
-def _is_trainable_conditioner(conditioner: nn.Module) -> bool:
-    return getattr(conditioner, "input_key", None) != "caption"  # the text encoder stays frozen
 
 
 def check_no_batchnorm(modules: Sequence[nn.Module]) -> None:

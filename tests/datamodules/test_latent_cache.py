@@ -156,6 +156,7 @@ def test_dp_fit_from_the_cache_never_runs_the_encoder(tiny_model, tmp_path, monk
                             privacy=DifferentialPrivacy(epsilon=8.0, max_physical_batch_size=8))
     dm = cached(tmp_path, batch_size=16)
     trainer = L.Trainer(max_steps=2, use_distributed_sampler=False, logger=False, enable_checkpointing=False,
+                        default_root_dir=tmp_path,
                         limit_val_batches=0, enable_progress_bar=False, enable_model_summary=False)
     original, encoded = FrozenAutoencoder.moments, []
 
