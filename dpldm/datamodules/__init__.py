@@ -1,10 +1,13 @@
-"""Image data modules: items are ``{"image": FloatTensor[C, H, W] in [-1, 1], "label": int}``."""
+"""Image data modules: items are ``{"image": FloatTensor[C, H, W] in [-1, 1], "label": int}``
+(``"caption": str`` and ``"key": str`` instead of ``"label"`` for the text-conditional LAION stream)."""
 
 from dpldm.datamodules.base import ImageDataModule, TensorImageDataset
 from dpldm.datamodules.cifar10 import CIFAR10DataModule
 from dpldm.datamodules.digits import DigitsDataModule
 from dpldm.datamodules.glyphs import GlyphDataset, GlyphsDataModule
 from dpldm.datamodules.imagenet32 import ImageNet32DataModule
+from dpldm.datamodules.laion import LaionDataModule, WebImageTextDataset
+from dpldm.datamodules.latent_cache import LatentCacheDataModule, LatentCacheDataset
 
 __all__ = [
     "CIFAR10DataModule",
@@ -13,5 +16,9 @@ __all__ = [
     "GlyphsDataModule",
     "ImageDataModule",
     "ImageNet32DataModule",
+    "LaionDataModule",
+    "LatentCacheDataModule",
+    "LatentCacheDataset",
     "TensorImageDataset",
+    "WebImageTextDataset",
 ]

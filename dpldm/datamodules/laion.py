@@ -1,0 +1,390 @@
+"""Image-caption pairs streamed from img2dataset-style webdataset tar shards (e.g. LAION).
+
+Each sample in a shard is ``KEY.jpg`` (or ``.jpeg``/``.png``/``.webp``), ``KEY.txt`` (the
+caption) and optionally ``KEY.json`` (ignored). Items are
+``{"image": FloatTensor[3, S, S] in [-1, 1], "caption": str, "key": str}``: the shorter side
+is resized to ``S`` (bicubic), the centre ``S x S`` cropped, intensities mapped by the fixed
+affine ``x / 127.5 - 1``. Bad records and shards are skipped and counted in a
+:class:`SkipStats` shared by all DataLoader workers; a stream fails when too many records
+were bad. The size of a stream is unknown, so DP stages must read through the latent cache,
+which :meth:`LaionDataModule.cache_dataset` feeds.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import logging
+import multiprocessing
+import random
+import re
+from typing import Optional, Union
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset
+from webdataset.shardlists import expand_urls as wds_expand_urls
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from dpldm.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+# Why a record or shard was skipped. Record reasons count toward the bad fraction; shard
+# reasons do not (an empty or unreadable shard holds no records to count).
+MISSING_IMAGE = "missing_image"
+UNDECODABLE_IMAGE = "undecodable_image"
+MISSING_CAPTION = "missing_caption"
+EMPTY_SHARD = "empty_shard"
+UNREADABLE_SHARD = "unreadable_shard"
+RECORD_REASONS = (MISSING_IMAGE, UNDECODABLE_IMAGE, MISSING_CAPTION)
+SHARD_REASONS = (EMPTY_SHARD, UNREADABLE_SHARD)
+_GOOD, _STREAMS_DONE = "good", "streams_done"  # the other two slots of the shared counter
+_SLOTS = RECORD_REASONS + SHARD_REASONS + (_GOOD, _STREAMS_DONE)
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # first one present in a sample is used
+CAPTION_EXTENSION = "txt"
+EARLY_CHECK_RECORDS = 1000  # fail mid-stream once this many records were seen and too many were bad
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")  # pipe:, file:, s3://, gs://, http(s)://, ...
+MAX_BAD_FIELD = "data.init_args.max_bad_fraction"
+
+
+class SkipStats:
+    """Counts of used and skipped records, shared by every DataLoader worker of one dataset.
+
+    The counters live in a ``multiprocessing`` shared array created in the main process; the
+    dataset (and with it this object) is handed to worker processes at their creation (under
+    fork, spawn and forkserver), so every worker adds to the same counts. Counts accumulate
+    over passes (epochs) until :meth:`reset`.
+
+    Args:
+        source: the shards, in words, for error messages (e.g. ``"shards/{00000..00009}.tar"``).
+    """
+
+    def __init__(self, source: str = "the shards"):
+        self.source = source
+        # A lock made in a spawn context is inherited under fork and pickled under spawn and
+        # forkserver; one made in a fork context refuses the latter two.
+        self._array = multiprocessing.get_context("spawn").Array("q", len(_SLOTS))
+
+    def add(self, slot: str, n: int = 1) -> int:
+        """Add ``n`` to one counter (a reason in :data:`RECORD_REASONS` / :data:`SHARD_REASONS`)
+        and return its new value, atomically across processes."""
+        with self._array.get_lock():
+            self._array[_SLOTS.index(slot)] += n
+            return int(self._array[_SLOTS.index(slot)])
+
+    def _get(self, slot: str) -> int:
+        return int(self._array[_SLOTS.index(slot)])
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Skips per reason, for all five reasons."""
+        return {reason: self._get(reason) for reason in RECORD_REASONS + SHARD_REASONS}
+
+    @property
+    def good(self) -> int:
+        """Records yielded."""
+        return self._get(_GOOD)
+
+    @property
+    def seen(self) -> int:
+        """Records read, good and bad (empty/unreadable shards hold none)."""
+        return self.good + sum(self._get(reason) for reason in RECORD_REASONS)
+
+    @property
+    def bad_fraction(self) -> float:
+        """Fraction of the records read that were skipped (0 before any was read)."""
+        seen = self.seen
+        return (seen - self.good) / seen if seen else 0.0
+
+    def summary(self) -> str:
+        """One line, e.g. ``1,998 of 2,000 records used; skipped: 1 undecodable_image; 0 empty shards, ...``."""
+        counts = self.counts
+        skipped = ", ".join(f"{counts[r]:,} {r}" for r in RECORD_REASONS if counts[r]) or "none"
+        return (f"{self.good:,} of {self.seen:,} records used; skipped: {skipped}; "
+                f"{counts[EMPTY_SHARD]:,} empty shards, {counts[UNREADABLE_SHARD]:,} unreadable shards")
+
+    def reset(self) -> None:
+        """Zero every counter."""
+        with self._array.get_lock():
+            self._array[:] = [0] * len(_SLOTS)
+
+    def check(self, max_bad_fraction: float, require_good: bool = True) -> None:
+        """Raise when too many records were bad, or (``require_good``) when none was good.
+
+        Args:
+            max_bad_fraction: the largest tolerated fraction of bad records.
+            require_good: also fail when no good record at all was read.
+
+        Raises:
+            ValueError: a :class:`ConfigError` naming ``data.init_args.max_bad_fraction``, the
+                fraction found and the counts; or a ``ValueError`` naming the shards.
+        """
+        if require_good and self.good == 0:
+            raise ValueError(
+                f"no usable image-caption record was read from {self.source} ({self.summary()}); "
+                f"check the shard paths/URLs and that samples hold an image "
+                f"(.{', .'.join(IMAGE_EXTENSIONS)}) and a .{CAPTION_EXTENSION} caption")
+        if self.bad_fraction > max_bad_fraction:
+            raise ConfigError(MAX_BAD_FIELD, max_bad_fraction,
+                              f"exceeded: {self.bad_fraction:.2%} of the records read from {self.source} "
+                              f"were bad ({self.summary()}); repair or drop those shards, or raise the bound")
+
+
+def _check_settings(image_size: int, shuffle_buffer: int, max_bad_fraction: float) -> None:
+    """Reject bad dataset settings with the config field at fault."""
+    if image_size < 8:
+        raise ConfigError("data.init_args.image_size", image_size, "must be >= 8")
+    if shuffle_buffer < 0:
+        raise ConfigError("data.init_args.shuffle_buffer", shuffle_buffer, "must be >= 0 (0: no shuffle)")
+    if not 0 <= max_bad_fraction < 1:
+        raise ConfigError(MAX_BAD_FIELD, max_bad_fraction, "must satisfy 0 <= max_bad_fraction < 1")
+
+
+def load_image(data: bytes, size: int) -> torch.Tensor:
+    """Decode image bytes to ``FloatTensor[3, size, size]`` in ``[-1, 1]``.
+
+    Args:
+        data: encoded image (any format PIL reads).
+        size: side ``S`` of the square output: shorter side resized to ``S``, centre cropped.
+    """
+    with Image.open(io.BytesIO(data)) as image:
+        image = image.convert("RGB")  # forces the decode; grey/palette/RGBA/CMYK -> RGB
+    w, h = image.size
+    scale = size / min(w, h)
+    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+    # PIL's bicubic resize filters over the whole footprint when shrinking (antialiased).
+    image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    pixels = np.array(image.crop((left, top, left + size, top + size)), dtype=np.uint8)  # (S, S, 3)
+    return torch.from_numpy(pixels).permute(2, 0, 1).float() / 127.5 - 1.0  # (3, S, S), fixed affine
+
+
+def open_shard(url: str):
+    """Open one shard for reading: webdataset's ``gopen`` for local paths and the schemes it
+    knows (``pipe:``, ``file:``, ``http(s)://``, ``gs://``, ...), fsspec for others (``s3://``, ...).
+
+    Args:
+        url: a local path or URL.
+    """
+    match = _SCHEME.match(url)
+    if match is None or match.group(0)[:-1] in set(wds.gopen_schemes) | {"file"}:
+        return wds.gopen(url, "rb")
+    import fsspec  # optional: only for schemes webdataset 1.0.2 cannot open itself
+
+    return fsspec.open(url, "rb").open()
+
+
+def _describe(urls: list[str]) -> str:
+    """A short name for a list of shards, for messages."""
+    return urls[0] if len(urls) == 1 else f"{len(urls)} shards {urls[0]} ... {urls[-1]}"
+
+
+class WebImageTextDataset(IterableDataset):
+    """Stream of ``{"image": FloatTensor[3, S, S] in [-1, 1], "caption": str, "key": str}``.
+
+    Shards are split across nodes (ranks) when ``split_by_node``, and across DataLoader
+    workers always. With ``shuffle_buffer == 0`` the order is the shard order, then the member
+    order (per worker); a latent cache that resumes by skipping its first ``n`` records relies
+    on it. Otherwise shard order and samples (in a buffer of encoded samples) are shuffled from
+    ``seed`` and the epoch, which counts calls to ``__iter__`` per process (persistent workers
+    keep it) unless :meth:`set_epoch` sets it.
+
+    Args:
+        urls: expanded shard paths/URLs (see :func:`expand_urls`).
+        image_size: side ``S`` of the square images (>= 8).
+        shuffle_buffer: samples held for shuffling; 0 keeps the order deterministic.
+        seed: seed of the shard and sample shuffles.
+        split_by_node: give each rank its own shards (off for a pass that must see all shards).
+        max_bad_fraction: the largest tolerated fraction of bad records, in ``[0, 1)``.
+    """
+
+    def __init__(self, urls: list[str], image_size: int, shuffle_buffer: int = 0, seed: int = 0,
+                 split_by_node: bool = True, max_bad_fraction: float = 0.01):
+        super().__init__()
+        _check_settings(image_size, shuffle_buffer, max_bad_fraction)
+        if not urls:
+            raise ValueError("WebImageTextDataset needs at least one shard URL")
+        self.urls, self.image_size, self.shuffle_buffer = list(urls), image_size, shuffle_buffer
+        self.seed, self.split_by_node, self.max_bad_fraction = seed, split_by_node, max_bad_fraction
+        self.epoch = 0
+        self.stats = SkipStats(_describe(self.urls))
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use ``epoch`` for the next pass's shuffle (in the process that iterates)."""
+        self.epoch = epoch
+
+    def _samples(self, shards):
+        """Raw samples (dicts of encoded members) of each shard; counts empty/unreadable shards."""
+        for shard in shards:
+            url, count = shard["url"], 0
+            try:
+                stream = open_shard(url)
+                try:
+                    for sample in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])):
+                        count += 1
+                        yield sample
+                finally:
+                    stream.close()  # a failed pipe (curl, aws s3 cp) reports its exit status here
+            except Exception as err:  # missing file, bad tar, truncated download, failed pipe, ...
+                self.stats.add(UNREADABLE_SHARD)
+                logger.warning("skipping unreadable shard %s after %d samples: %s: %s",
+                               url, count, type(err).__name__, err)
+            else:
+                if count == 0:
+                    self.stats.add(EMPTY_SHARD)
+                    logger.warning("shard %s holds no samples", url)
+
+    def _item(self, sample: dict) -> Optional[dict]:
+        """The item of one raw sample, or ``None`` (counted) when it is bad."""
+        image = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
+        caption = sample.get(CAPTION_EXTENSION, b"").decode("utf-8", errors="replace").strip()
+        reason = MISSING_IMAGE if image is None else MISSING_CAPTION if not caption else None
+        if reason is None:
+            try:
+                pixels = load_image(image, self.image_size)
+            except Exception:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+                reason = UNDECODABLE_IMAGE
+        self.stats.add(reason or _GOOD)
+        return None if reason else {"image": pixels, "caption": caption, "key": sample["__key__"]}
+
+    def __iter__(self):
+        """Yield this rank's and worker's items; fail at the end (or after 1000 records) when too many were bad."""
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        rank, _, worker, num_workers = wds.utils.pytorch_worker_info()
+        shuffle = self.shuffle_buffer > 0
+        # Same shard order on every rank and worker (before splitting), new each epoch.
+        shards = iter(wds.SimpleShardList(self.urls, seed=f"{self.seed}-{epoch}" if shuffle else None))
+        if self.split_by_node:
+            shards = wds.split_by_node(shards)
+        samples = self._samples(wds.split_by_worker(shards))
+        if shuffle:  # buffer holds encoded samples (small), decoded after shuffling
+            rng = random.Random(f"{self.seed}-{epoch}-{rank}-{worker}")
+            samples = wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng)(samples)
+        for sample in samples:
+            item = self._item(sample)
+            if item is not None:
+                yield item
+            if self.stats.seen >= EARLY_CHECK_RECORDS:
+                self.stats.check(self.max_bad_fraction, require_good=False)
+        # The last stream of this pass to end also fails when no worker read a good record.
+        last = self.stats.add(_STREAMS_DONE) % num_workers == 0
+        self.stats.check(self.max_bad_fraction, require_good=last)
+        if last:
+            logger.info("%s: %s", self.stats.source, self.stats.summary())
+
+
+def expand_urls(spec: Union[str, list[str]], field: str = "data.init_args.train_shards") -> list[str]:
+    """Expand a shard spec into a list of paths/URLs.
+
+    ``::`` joins several specs, braces expand (``shards/{00000..00009}.tar``), ``${VAR}``
+    reads ``WDS_VAR`` (webdataset's rules); local globs (``shards/*.tar``) expand sorted. URLs
+    with a scheme pass through unchecked.
+
+    Args:
+        spec: one spec string, or a list of them.
+        field: the config field holding ``spec``, for errors.
+
+    Raises:
+        ConfigError: a local pattern or path matches no file.
+    """
+    urls = []
+    for part in [spec] if isinstance(spec, str) else list(spec):
+        for url in wds_expand_urls(part):
+            if _SCHEME.match(url):
+                urls.append(url)
+                continue
+            matches = sorted(glob.glob(url))
+            if not matches:
+                raise ConfigError(field, spec, f"{url!r} matches no file")
+            urls.extend(matches)
+    if not urls:
+        raise ConfigError(field, spec, "names no shard")
+    return urls
+
+
+class LaionDataModule(pl.LightningDataModule):
+    """Text-conditional image data streamed from webdataset shards (LAION / img2dataset layout).
+
+    Batches are ``{"image": FloatTensor[B, 3, S, S], "caption": list[str], "key": list[str]}``.
+    Shard specs are expanded in :meth:`setup`, so a config instantiates without the files.
+    The stream has no known size, hence no ``num_train_samples``: DP stages read the latent
+    cache built from :meth:`cache_dataset`.
+
+    Args:
+        train_shards: shard spec of the training set (see :func:`expand_urls`).
+        val_shards: shard spec of the validation set, or ``None`` for no validation.
+        image_size: side ``S`` of the square images (>= 8).
+        batch_size: examples per batch (>= 1).
+        num_workers: DataLoader worker processes (>= 0); shards are split among them.
+        shuffle_buffer: training samples held for shuffling (0: deterministic order).
+        max_bad_fraction: the largest tolerated fraction of bad records, in ``[0, 1)``.
+        seed: seed of the training shuffle.
+    """
+
+    channels = 3
+
+    def __init__(self, train_shards: str, val_shards: Optional[str] = None, image_size: int = 256,
+                 batch_size: int = 64, num_workers: int = 0, shuffle_buffer: int = 1000,
+                 max_bad_fraction: float = 0.01, seed: int = 0):
+        super().__init__()
+        if batch_size < 1:
+            raise ConfigError("data.init_args.batch_size", batch_size, "must be >= 1")
+        if num_workers < 0:
+            raise ConfigError("data.init_args.num_workers", num_workers, "must be >= 0")
+        _check_settings(image_size, shuffle_buffer, max_bad_fraction)
+        self.train_shards, self.val_shards, self.image_size = train_shards, val_shards, image_size
+        self.batch_size, self.num_workers, self.shuffle_buffer = batch_size, num_workers, shuffle_buffer
+        self.max_bad_fraction, self.seed = max_bad_fraction, seed
+        self.train_dataset: Optional[WebImageTextDataset] = None
+        self.val_dataset: Optional[WebImageTextDataset] = None
+
+    def _dataset(self, spec: str, field: str, shuffle_buffer: int, split_by_node: bool) -> WebImageTextDataset:
+        return WebImageTextDataset(expand_urls(spec, field), self.image_size, shuffle_buffer=shuffle_buffer,
+                                   seed=self.seed, split_by_node=split_by_node,
+                                   max_bad_fraction=self.max_bad_fraction)
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        """Expand the shard specs and build the streams the stage needs (kept once built).
+
+        Training shards are shuffled and split across ranks. Every rank reads all validation
+        shards in order, so ranks run the same number of validation batches.
+
+        Args:
+            stage: Lightning stage, or ``None`` for all.
+        """
+        if stage in ("fit", None) and self.train_dataset is None:
+            self.train_dataset = self._dataset(self.train_shards, "data.init_args.train_shards",
+                                               self.shuffle_buffer, split_by_node=True)
+        if stage in ("fit", "validate", None) and self.val_shards is not None and self.val_dataset is None:
+            self.val_dataset = self._dataset(self.val_shards, "data.init_args.val_shards", 0, split_by_node=False)
+
+    def cache_dataset(self) -> WebImageTextDataset:
+        """A fresh deterministic full pass over the training shards, for the latent cache.
+
+        No shuffle and no split across ranks: the cache is written by one process and must see
+        every shard, in shard then member order (interleaved by batch across ``num_workers``
+        workers, so a resumed cache must use the same ``num_workers``).
+        """
+        return self._dataset(self.train_shards, "data.init_args.train_shards", 0, split_by_node=False)
+
+    def _loader(self, dataset: WebImageTextDataset) -> DataLoader:
+        # default_collate stacks images to (B, 3, S, S) and gathers captions/keys into lists.
+        return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled stream over this rank's training shards."""
+        self.setup("fit")
+        return self._loader(self.train_dataset)
+
+    def val_dataloader(self) -> Union[DataLoader, list]:
+        """Ordered stream over the validation shards; ``[]`` without ``val_shards``."""
+        if self.val_shards is None:
+            return []
+        self.setup("validate")
+        return self._loader(self.val_dataset)
