@@ -1,5 +1,6 @@
 """The ``dpldm`` command: a LightningCLI (``fit/validate/test/predict`` from YAML configs with
-``class_path``/``init_args``), plus ``dpldm quickstart`` and the ``dpldm privacy`` calculator.
+``class_path``/``init_args``), plus ``dpldm quickstart``, ``dpldm cache`` (latent cache),
+``dpldm sample`` and the ``dpldm privacy`` calculator.
 """
 
 from __future__ import annotations
@@ -44,6 +45,24 @@ class DPLDMCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
 
+def cache(argv: list[str]) -> dict:
+    """``dpldm cache --config FIT.yaml [overrides]``: build (or resume, or check) the latent cache that
+    a fit config trains on, with that config's frozen autoencoder and text encoder."""
+    from dpldm.datamodules import LatentCacheDataModule
+    from dpldm.errors import ConfigError
+
+    cli = DPLDMCLI(args=argv, run=False)
+    dm = cli.datamodule
+    if not isinstance(dm, LatentCacheDataModule):
+        raise ConfigError("data.class_path", type(dm).__name__, "must be dpldm.datamodules.LatentCacheDataModule")
+    meta = dm.build(cli.model)
+    print(f"latent cache {dm.cache_dir}: {meta['num_records']:,} records x {meta['views']} view(s); "
+          + ", ".join(f"{k} {tuple(v)}" for k, v in meta["fields"].items()))
+    if meta.get("source_report"):
+        print(f"source: {meta['source_report']}")
+    return meta
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``dpldm`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -51,6 +70,14 @@ def main(argv: list[str] | None = None) -> None:
         from dpldm.quickstart import main as quickstart
 
         quickstart(argv[1:])
+        return
+    if argv and argv[0] == "cache":
+        cache(argv[1:])
+        return
+    if argv and argv[0] == "sample":
+        from dpldm.sample import main as sample
+
+        sample(argv[1:])
         return
     if argv and argv[0] == "privacy":
         from dpldm.privacy.calculator import main as privacy

@@ -35,8 +35,14 @@ CHAINS = {
 }
 
 
+# Configs whose public parts come pretrained (no stage 1-2 chain); instantiated by the tests below.
+PRETRAINED = ("laion/tiny.yaml", "laion/finetune.yaml")
+ARCH = str(CONFIGS / "laion" / "tiny-clip.json")
+TEXT = "--model.init_args.conditioner.init_args"
+
+
 def test_every_run_config_is_covered():
-    covered = {c for chain in CHAINS.values() for c in chain}
+    covered = {c for chain in CHAINS.values() for c in chain} | set(PRETRAINED)
     assert set(run_configs()) == covered, "add new run configs to CHAINS so they are instantiated"
 
 
@@ -58,3 +64,24 @@ def test_config_chain_instantiates(name, tmp_path, cifar_root, imagenet_root):
     cli = instantiate(ft_cfg, *ft_data, AE_PATH, str(tmp_path / "ae"), UNET_PATH, str(tmp_path / "ldm"), *init)
     check_data_compatible(cli.model, cli.datamodule)
     assert cli.datamodule.num_train_samples > 0
+
+
+def test_laion_configs_instantiate(tmp_path):
+    tiny = instantiate("laion/tiny.yaml", f"{TEXT}.model_name", ARCH)
+    check_data_compatible(tiny.model, tiny.datamodule)
+    # finetune.yaml with local copies of its public parts (tiny stand-ins in diffusers layout)
+    tiny.model.unet.save_pretrained(tmp_path / "ldm" / "unet")
+    tiny.model.autoencoder.vae.save_pretrained(tmp_path / "ldm" / "vqvae")
+    cli = instantiate("laion/finetune.yaml", UNET_PATH, str(tmp_path / "ldm"), AE_PATH, str(tmp_path / "ldm"),
+                      f"{TEXT}.model_name", ARCH, f"{TEXT}.pretrained", "null", f"{TEXT}.projection_dim", "16",
+                      "--data.init_args.source.init_args.image_size", "32")
+    check_data_compatible(cli.model, cli.datamodule)
+    assert cli.datamodule.flip_views and cli.model.privacy.epsilon == 10.0
+    assert cli.model.trained_modules[-1] is cli.model.conditioner.projection  # trained under DP
+
+
+def test_laion_finetune_offline_names_the_key_for_a_local_copy():
+    from dpldm.modules.hub import PretrainedNotFoundError
+
+    with pytest.raises((PretrainedNotFoundError, ValueError), match="model.init_args.unet.init_args.path"):  # jsonargparse wraps it
+        instantiate("laion/finetune.yaml")

@@ -109,7 +109,8 @@ def _parts(path: str) -> list[str]:
 
 
 def _progress_of(path: str, expected: dict) -> tuple[int, int]:
-    """(records, loader batches) already in finished parts; starts over when they were built differently."""
+    """(records, loader batches) already in finished parts; starts over when they were built differently
+    (other fingerprints, or a stream read with other batching)."""
     state = os.path.join(path, PARTS, "building.json")
     parts = _parts(path)
     if parts and os.path.isfile(state):
@@ -194,12 +195,15 @@ def build_cache(path: str, dataset: Dataset, autoencoder: nn.Module, conditioner
     """
     from tqdm.auto import tqdm
 
-    done, done_batches = _progress_of(path, expected)
+    stream = isinstance(dataset, IterableDataset)
+    # A stream resumes by replaying its first batches: only valid with the same batching and workers.
+    order = {"batch_size": batch_size, "num_workers": num_workers} if stream else {}
+    done, done_batches = _progress_of(path, {**expected, "order": order})
     if done:
         log.info("latent cache %s: resuming after %d records", path, done)
     dtype = np.dtype(expected["dtype"])
-    total = None if isinstance(dataset, IterableDataset) else len(dataset)
-    skip = done_batches if isinstance(dataset, IterableDataset) else 0  # a stream resumes by replaying
+    total = None if stream else len(dataset)
+    skip = done_batches if stream else 0
     index, buffer, buffered, batches = len(_parts(path)), [], 0, 0
     start, count = time.perf_counter(), 0
     bar = tqdm(total=total, initial=done, unit="img", desc="caching latents", dynamic_ncols=True)

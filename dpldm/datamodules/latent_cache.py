@@ -30,7 +30,7 @@ from dpldm.errors import ConfigError
 log = logging.getLogger(__name__)
 FIELD = "data.init_args"
 # Source arguments that change how data is loaded, not which values are encoded.
-_LOADER_ONLY = {"batch_size", "num_workers", "shuffle_buffer", "max_bad_fraction", "download", "flip"}
+_LOADER_ONLY = {"batch_size", "num_workers", "shuffle_buffer", "max_bad_fraction", "download", "flip", "val_shards"}
 
 
 class LatentCacheDataset(Dataset):

@@ -128,6 +128,8 @@ class OpenCLIPTextEncoder(Conditioner):
         import open_clip
 
         field = "model.init_args.conditioner.init_args"
+        if isinstance(pretrained, str) and pretrained.lower() in ("none", "null", ""):
+            pretrained = None  # `--...pretrained null` on the command line arrives as the string "None"
         if model_name.endswith(".json"):
             if not os.path.isfile(model_name):
                 raise FileNotFoundError(f"{field}.model_name = {model_name!r}: no such architecture file")

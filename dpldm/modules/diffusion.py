@@ -120,7 +120,9 @@ class LatentDiffusion(L.LightningModule):
     def _setup_privacy(self, dm: object) -> None:
         """Plan the accounting (N, q, sigma, delta), attach per-sample hooks, switch the data to Poisson."""
         if dm is None or not hasattr(dm, "num_train_samples"):
-            raise ConfigError("data", type(dm).__name__, "a DP stage needs a DataModule with num_train_samples")
+            raise ConfigError("data", type(dm).__name__,
+                              "a DP stage needs a map-style dataset of known size N (num_train_samples) for Poisson "
+                              "sampling; wrap a stream in dpldm.datamodules.LatentCacheDataModule (a latent cache)")
         trainer = self.trainer
         check_trainer(trainer)
         p = plan(self.privacy, dm.num_train_samples, dm.batch_size, trainer.max_steps, trainer.max_epochs)

@@ -78,3 +78,18 @@ def test_batchnorm_in_scope_is_rejected():
     emb.norm = torch.nn.BatchNorm1d(4)
     with pytest.raises(ConfigError, match="BatchNorm"):
         TrainableScope("attention").apply(unet, emb)
+
+
+def test_text_conditioner_contributes_only_its_projection():
+    from pathlib import Path
+
+    from dpldm.modules import OpenCLIPTextEncoder
+
+    arch = Path(__file__).resolve().parents[2] / "configs" / "laion" / "tiny-clip.json"
+    unet, text = build_unet(**TINY_UNET), OpenCLIPTextEncoder(str(arch), pretrained=None, projection_dim=16)
+    trained = TrainableScope("attention").apply(unet, text)
+    assert trained[-1] is text.projection
+    assert {n for n in _trained_names(unet, text) if n.startswith("cond.")} == {"cond.projection.weight",
+                                                                               "cond.projection.bias"}
+    TrainableScope("attention", conditioner=False).apply(unet, text)
+    assert not any(p.requires_grad for p in text.parameters())
