@@ -47,6 +47,7 @@ def stage_overrides(out: str, extra: dict[str, list[str]]) -> dict[str, list[str
         "finetune": ["--trainer.default_root_dir", f"{out}/finetune", *ae,
                      "--model.init_args.unet.init_args.path", f"{out}/ldm/pretrained",
                      "--model.init_args.conditioner.init_args.init_from", f"{out}/ldm/pretrained",
+                     "--data.init_args.cache_dir", f"{out}/finetune/latent-cache",
                      *extra.get("finetune", [])],
     }
 

@@ -59,11 +59,13 @@ def test_config_chain_instantiates(name, tmp_path, cifar_root, imagenet_root):
     check_data_compatible(cli.model, cli.datamodule)
     cli.model.export_pretrained(str(tmp_path / "ldm"))
 
-    ft_data = ["--data.init_args.root", str(cifar_root), "--data.init_args.download", "false"] if name == "cifar10" else []
+    src = "--data.init_args.source.init_args"
+    ft_data = [f"{src}.root", str(cifar_root), f"{src}.download", "false"] if name == "cifar10" else []
     init = ["--model.init_args.conditioner.init_args.init_from", str(tmp_path / "ldm")] if name == "quickstart" else []
     cli = instantiate(ft_cfg, *ft_data, AE_PATH, str(tmp_path / "ae"), UNET_PATH, str(tmp_path / "ldm"), *init)
     check_data_compatible(cli.model, cli.datamodule)
-    assert cli.datamodule.num_train_samples > 0
+    data = getattr(cli.datamodule, "source", cli.datamodule)  # a latent cache is built at fit time
+    assert data.num_train_samples > 0
 
 
 def test_laion_configs_instantiate(tmp_path):

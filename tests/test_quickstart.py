@@ -79,7 +79,7 @@ def test_frozen_autoencoder_unchanged_by_finetune(quickstart_run):
 
 
 @pytest.mark.parametrize("extra, field", [
-    (["--data.init_args.image_size=30"], "data.init_args.image_size"),  # f = 4 does not divide 30
+    (["--data.init_args.source.init_args.image_size=30"], "data.init_args.source.init_args.image_size"),  # f = 4 does not divide 30
     (["--model.init_args.conditioner.init_args.num_classes=7"], "num_classes"),
 ])
 def test_mismatch_fails_before_training(quickstart_run, extra, field):
@@ -139,3 +139,23 @@ def test_notebook_runs_on_a_finished_run(quickstart_run, monkeypatch):
     nb = nbformat.read(path, as_version=4)
     nbclient.NotebookClient(nb, timeout=300, resources={"metadata": {"path": str(out)}}).execute()
     assert any(o.get("output_type") == "display_data" for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+
+
+def test_sample_command_on_a_class_conditional_run(quickstart_run, tmp_path):
+    import numpy as np
+
+    from dpldm.cli import main
+
+    out, _ = quickstart_run
+    run = out / "finetune"
+    if not list(run.glob("logs/version_*/checkpoints/*.ckpt")):
+        _finetune(out, "--trainer.fast_dev_run=false", "--trainer.max_steps=1", "--trainer.limit_val_batches=0",
+                  "--trainer.callbacks=[]")
+    main(["sample", str(run), "--labels", "0", "3", "--repeat", "2", "--steps", "2", "--out", str(tmp_path)])
+    saved = np.load(tmp_path / "samples.npz")
+    assert saved["images"].shape == (4, 32, 32, 1) and list(saved["labels"]) == [0, 0, 3, 3]
+    assert len(list(tmp_path.glob("0*.png"))) == 4 and (tmp_path / "grid.png").exists()
+    with pytest.raises(ConfigError, match="--prompts"):  # a class-conditional model takes labels
+        main(["sample", str(run), "--prompts", __file__, "--out", str(tmp_path)])
+    with pytest.raises(ConfigError, match="classes are 0..9"):
+        main(["sample", str(run), "--labels", "12", "--out", str(tmp_path)])

@@ -167,6 +167,7 @@ class LatentCacheDataModule(ImageDataModule):
         for p in parts:
             p.to(device)
         try:
+            self.source.prepare_data()  # e.g. a download
             dataset = self.source.cache_dataset()
             return build_cache(self.cache_dir, dataset, model.autoencoder, model.conditioner, expected,
                                self.encode_batch_size, self.num_workers, self.chunk_size, device,
@@ -179,7 +180,8 @@ class LatentCacheDataModule(ImageDataModule):
         return self.trainer.lightning_module if self.trainer is not None else None
 
     def prepare_data(self) -> None:
-        """Build the cache (once per node) when missing or interrupted."""
+        """Prepare the source (validation and test read it), then build the cache when missing or interrupted."""
+        self.source.prepare_data()
         if self._model() is not None:
             self.build(self._model())
 

@@ -280,20 +280,21 @@ def check_data_compatible(model: LatentDiffusion, dm: object) -> None:
         dm: a DataModule exposing ``image_size``, ``channels`` and (for labels) ``num_classes``.
     """
     ae, size = model.autoencoder, getattr(dm, "image_size", None)
+    data = "data.init_args.source.init_args" if hasattr(dm, "source") else "data.init_args"  # a latent cache's source
     if size is not None:
         if size % ae.downsample_factor:
-            raise ConfigError("data.init_args.image_size", size,
+            raise ConfigError(f"{data}.image_size", size,
                               f"must be a multiple of the autoencoder's downsampling factor {ae.downsample_factor}")
         latent, need = size // ae.downsample_factor, unet_downsample_factor(model.unet)
         if latent % need:
-            raise ConfigError("data.init_args.image_size", size,
+            raise ConfigError(f"{data}.image_size", size,
                               f"gives {latent}x{latent} latents; the UNet needs a multiple of {need}")
         if latent != model.unet.config.sample_size:
             raise ConfigError("model.init_args.unet.init_args.sample_size", model.unet.config.sample_size,
                               f"must equal the latent size image_size / f = {size} / {ae.downsample_factor} = {latent}")
     channels = getattr(dm, "channels", None)
     if channels is not None and channels != ae.in_channels:
-        raise ConfigError("data.init_args.channels", channels,
+        raise ConfigError(f"{data}.channels", channels,
                           f"the autoencoder takes {ae.in_channels}-channel images")
     classes, model_classes = getattr(dm, "num_classes", None), getattr(model.conditioner, "num_classes", None)
     if classes is not None and model_classes is not None and classes != model_classes:
