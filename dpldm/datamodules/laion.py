@@ -368,7 +368,7 @@ class LaionDataModule(pl.LightningDataModule):
 
         No shuffle and no split across ranks: the cache is written by one process and must see
         every shard, in shard then member order (interleaved by batch across ``num_workers``
-        workers, so a resumed cache must use the same ``num_workers``).
+        workers; a resumed cache build with other batching or workers starts over).
         """
         return self._dataset(self.train_shards, "data.init_args.train_shards", 0, split_by_node=False)
 

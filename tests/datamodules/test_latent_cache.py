@@ -122,6 +122,16 @@ def test_a_stream_resumes_by_replaying_the_finished_batches(tiny_model, tmp_path
     assert len(calls) == 5  # 7 batches of which 2 (one part) were finished
     assert np.array_equal(np.load(f"{dm.cache_dir}/moments.npy"), np.load(f"{ref.cache_dir}/moments.npy"))
 
+    # interrupted again, then resumed with other batching: replaying batches would misalign, so it starts over
+    resumed, calls[:] = False, []
+    other = LatentCacheDataModule(source, str(tmp_path / "again"), encode_batch_size=8, chunk_size=16)
+    with pytest.raises(Killed):
+        other.build(tiny_model)
+    resumed, calls[:] = True, []
+    other.encode_batch_size = 10
+    assert other.build(tiny_model)["num_records"] == 50 and len(calls) == 5  # all 50 records, in batches of 10
+    assert np.array_equal(np.load(f"{other.cache_dir}/moments.npy"), np.load(f"{ref.cache_dir}/moments.npy"))
+
 
 def test_poisson_batches_are_drawn_over_the_caches_records(tiny_model, tmp_path):
     dm = cached(tmp_path, batch_size=64)
