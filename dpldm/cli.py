@@ -1,20 +1,36 @@
 """The ``dpldm`` command: a LightningCLI (``fit/validate/test/predict`` from YAML configs with
 ``class_path``/``init_args``), plus ``dpldm quickstart``, ``dpldm cache`` (latent cache),
-``dpldm sample`` and the ``dpldm privacy`` calculator.
+``dpldm sample``, ``dpldm evaluate`` and the ``dpldm privacy`` calculator.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 
 import lightning.pytorch as L
-from lightning.pytorch.cli import LightningCLI
+import yaml
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
+
+from dpldm.loggers import WandbLogger
 
 
 # The frozen autoencoder and text encoder are in eval mode on purpose.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
+
+
+class SaveConfigEverywhere(SaveConfigCallback):
+    """``config.yaml`` next to the logs, and the resolved config in the W&B run."""
+
+    def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, LightningWandbLogger)]
+        if loggers:
+            config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+            for logger in loggers:
+                logger.experiment.config.update(config, allow_val_change=True)
 
 
 class DPLDMCLI(LightningCLI):
@@ -29,6 +45,7 @@ class DPLDMCLI(LightningCLI):
             subclass_mode_model=True,
             subclass_mode_data=True,
             parser_kwargs={"parser_mode": "omegaconf"},
+            save_config_callback=SaveConfigEverywhere,
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,
             seed_everything_default=0,
@@ -37,11 +54,13 @@ class DPLDMCLI(LightningCLI):
         )
 
     def instantiate_trainer(self, **kwargs: object) -> L.Trainer:
-        # CSV logs by default, next to checkpoints, whatever loggers happen to be installed.
+        # By default CSV logs next to the checkpoints (the first logger: it sets trainer.log_dir), and W&B
+        # (offline by itself without an API key or network; WANDB_MODE=disabled turns it off).
         trainer_cfg = self._get(self.config_init, "trainer", default={})
         if trainer_cfg.get("logger") in (None, True):
             root = trainer_cfg.get("default_root_dir") or "."
-            trainer_cfg["logger"] = CSVLogger(save_dir=root, name="logs")
+            trainer_cfg["logger"] = [CSVLogger(save_dir=root, name="logs"),
+                                     WandbLogger(name=os.path.normpath(root), save_dir=root)]
         return super().instantiate_trainer(**kwargs)
 
 
@@ -78,6 +97,11 @@ def main(argv: list[str] | None = None) -> None:
         from dpldm.sample import main as sample
 
         sample(argv[1:])
+        return
+    if argv and argv[0] == "evaluate":
+        from dpldm.evaluate import main as evaluate
+
+        evaluate(argv[1:])
         return
     if argv and argv[0] == "privacy":
         from dpldm.privacy.calculator import main as privacy

@@ -16,8 +16,15 @@ import os
 import time
 from dataclasses import dataclass
 
+from dpldm.callbacks.evaluation import DownstreamAccuracy, SampleMetric, real_images
 from dpldm.callbacks.samples import SampleGrid
 from dpldm.cli import DPLDMCLI
+
+
+METRIC_LABELS = {
+    "val/downstream_acc": "downstream accuracy (CNN trained on DP samples, tested on the real test digits)",
+    "val/fid_glyph": "FID-style distance to the real test digits (glyph-classifier features; NOT Inception FID)",
+}
 
 
 @dataclass
@@ -30,6 +37,8 @@ class StageResult:
     grid: str | None
     privacy: dict[str, float] | None = None  # the DP stage's report (epsilon, delta, sigma, q, steps)
     trained_fraction: float | None = None
+    metrics: dict[str, float] | None = None  # val/* of the sample-based metric callbacks
+    ceiling: float | None = None  # downstream accuracy of the same classifier trained on the real data
 
 
 def config_dir() -> str:
@@ -63,12 +72,31 @@ def run_stage(name: str, config: str, overrides: list[str]) -> StageResult:
     grids = [cb.last_path for cb in trainer.callbacks if isinstance(cb, SampleGrid)]
     result = StageResult(name, seconds, trainer.default_root_dir, ckpt or None, trainer.log_dir,
                          grids[-1] if grids else None)
+    metrics = [cb for cb in trainer.callbacks if isinstance(cb, SampleMetric) and cb.last]
+    result.metrics = {k: v for cb in metrics for k, v in cb.last.items()} or None
+    downstream = [cb for cb in metrics if isinstance(cb, DownstreamAccuracy)]
+    if downstream:
+        result.ceiling = real_data_ceiling(cli.datamodule, downstream[0])
     dp = getattr(cli.model, "dp", None)
     if dp is not None:
         result.privacy = dp.report()
         params = list(cli.model.parameters())
         result.trained_fraction = sum(p.numel() for p in params if p.requires_grad) / sum(p.numel() for p in params)
     return result
+
+
+def real_data_ceiling(datamodule: object, metric: DownstreamAccuracy) -> float:
+    """The downstream classifier trained on the real training images instead of samples: the ceiling.
+
+    Not private: it reads the private training set without DP. It is printed as a reference, never logged.
+    """
+    from dpldm.metrics.downstream import downstream_accuracy, load_images
+
+    source = getattr(datamodule, "source", datamodule)
+    train_x, train_y = load_images(source.cache_dataset())
+    test_x, test_y = real_images(datamodule, metric.test_samples)
+    return downstream_accuracy(train_x, train_y, test_x, test_y, source.num_classes, epochs=metric.epochs,
+                               seed=metric.sampling.seed)
 
 
 def summary(results: list[StageResult]) -> str:
@@ -83,6 +111,11 @@ def summary(results: list[StageResult]) -> str:
             lines.append(f"{'':<23}DP-SGD: epsilon = {p['privacy/epsilon']:.2f} spent at delta = {p['privacy/delta']:.2g}; "
                          f"sigma = {p['privacy/noise_multiplier']:.3f}, q = {p['privacy/sample_rate']:.4f}, "
                          f"steps = {int(p['privacy/steps'])}; trained {r.trained_fraction:.1%} of the parameters")
+        for key, value in (r.metrics or {}).items():
+            lines.append(f"{'':<23}{METRIC_LABELS.get(key, key)}: {value:.3f}")
+        if r.ceiling is not None:
+            lines.append(f"{'':<23}  ceiling, the same classifier trained on the real training digits: {r.ceiling:.3f} "
+                         "(not private: a reference only)")
     lines.append(f"{'total':<12}{sum(r.seconds for r in results):>8.0f}s")
     final = results[-1].grid if results else None
     if final:

@@ -17,6 +17,26 @@ def _latest(pattern: str, what: str, run_dir: str) -> str:
     return found[-1]
 
 
+def run_config(run_dir: str) -> dict:
+    """The run's saved ``config.yaml`` (the newest version), minus the arguments of ``fit`` itself."""
+    config = _latest(os.path.join(run_dir, "logs", "version_*", "config.yaml"), "config.yaml", run_dir)
+    with open(config) as f:
+        cfg = yaml.safe_load(f)
+    for key in ("ckpt_path", "weights_only"):  # arguments of `fit` itself, not of the objects
+        cfg.pop(key, None)
+    return cfg
+
+
+def load_weights(model: L.LightningModule, run_dir: str, checkpoint: str | None = None) -> str:
+    """Load a checkpoint of the run (default: its newest) into ``model``; returns the file."""
+    checkpoint = checkpoint or _latest(os.path.join(run_dir, "logs", "version_*", "checkpoints", "*.ckpt"),
+                                       "checkpoint", run_dir)
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    model.load_state_dict(state["state_dict"])
+    model.on_load_checkpoint(state)
+    return checkpoint
+
+
 def load_run(run_dir: str, checkpoint: str | None = None) -> L.LightningModule:
     """Rebuild a run's model from the ``config.yaml`` LightningCLI saved, and load its weights.
 
@@ -29,17 +49,9 @@ def load_run(run_dir: str, checkpoint: str | None = None) -> L.LightningModule:
     """
     from dpldm.cli import DPLDMCLI
 
-    config = _latest(os.path.join(run_dir, "logs", "version_*", "config.yaml"), "config.yaml", run_dir)
-    checkpoint = checkpoint or _latest(os.path.join(run_dir, "logs", "version_*", "checkpoints", "*.ckpt"),
-                                       "checkpoint", run_dir)
-    with open(config) as f:
-        cfg = yaml.safe_load(f)
-    for key in ("ckpt_path", "weights_only"):  # arguments of `fit` itself, not of the objects
-        cfg.pop(key, None)
+    cfg = run_config(run_dir)
     cfg["trainer"]["logger"] = False
     cfg["trainer"]["callbacks"] = []
     model = DPLDMCLI(args=cfg, run=False).model
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    model.load_state_dict(state["state_dict"])
-    model.on_load_checkpoint(state)
+    load_weights(model, run_dir, checkpoint)
     return model.eval()

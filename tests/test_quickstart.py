@@ -102,15 +102,21 @@ def test_missing_data_path_names_the_field(quickstart_run, tmp_path, capsys):
     assert "data.init_args.root" in str(err.value) + capsys.readouterr().err
 
 
-def test_wandb_offline_run_needs_no_account(quickstart_run, monkeypatch, tmp_path):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+def test_wandb_by_default_offline_without_an_account(quickstart_run, monkeypatch, tmp_path):
+    for var in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))  # no `wandb login`: dpldm's logger goes offline by itself
     out, _ = quickstart_run
-    _finetune(out, "--trainer.fast_dev_run=false", "--trainer.max_steps=1", "--trainer.limit_val_batches=1",
-              "--trainer.logger=lightning.pytorch.loggers.WandbLogger", "--trainer.logger.init_args.offline=true",
-              f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.callbacks=[]")
+    cli = _finetune(out, "--trainer.fast_dev_run=false", "--trainer.max_steps=1", "--trainer.limit_val_batches=0",
+                    f"--trainer.default_root_dir={tmp_path}", "--trainer.callbacks=[{class_path: "
+                    "dpldm.callbacks.SampleGrid, init_args: {per_class: 1, num_steps: 2}}]")
+    wandb_logger = cli.trainer.loggers[1]
+    config = dict(wandb_logger.experiment.config)  # the resolved run config
+    wandb_logger.experiment.finish()
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert runs and any(f.suffix == ".wandb" for f in runs[0].iterdir())
+    assert list((runs[0] / "files").rglob("samples_*.png"))  # the sample grid, as a W&B image
+    assert config["model"]["class_path"] == "dpldm.modules.LatentDiffusion" and "privacy" in config["model"]["init_args"]
 
 
 def test_load_run_restores_the_trained_weights(quickstart_run):
@@ -159,3 +165,41 @@ def test_sample_command_on_a_class_conditional_run(quickstart_run, tmp_path):
         main(["sample", str(run), "--prompts", __file__, "--out", str(tmp_path)])
     with pytest.raises(ConfigError, match="classes are 0..9"):
         main(["sample", str(run), "--labels", "12", "--out", str(tmp_path)])
+
+
+def test_evaluate_command_scores_a_checkpoint(quickstart_run, tmp_path):
+    import json
+
+    from dpldm.cli import main
+
+    out, _ = quickstart_run
+    run = out / "finetune"
+    if not list(run.glob("logs/version_*/checkpoints/*.ckpt")):
+        _finetune(out, "--trainer.fast_dev_run=false", "--trainer.max_steps=1", "--trainer.limit_val_batches=0",
+                  "--trainer.callbacks=[]")
+    metrics = tmp_path / "metrics.yaml"
+    metrics.write_text(f"""
+- class_path: dpldm.callbacks.DownstreamAccuracy
+  init_args: {{num_samples: 40, epochs: 1, test_samples: 60, sampling: {{num_steps: 2}}}}
+- class_path: dpldm.callbacks.FID
+  init_args:
+    key: val/fid_glyph
+    num_samples: 40
+    reference_samples: 60
+    extractor: {{class_path: dpldm.metrics.GlyphClassifierFeatures,
+                init_args: {{path: {tmp_path / 'glyphs.pt'}, num_train: 200, epochs: 1}}}}
+    sampling: {{num_steps: 2}}
+""")
+    main(["evaluate", str(run), "--metrics", str(metrics), "--out", str(tmp_path / "eval.json")])
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert 0 <= report["val/downstream_acc"] <= 1 and report["val/fid_glyph"] > 0
+    assert report["privacy/epsilon"] > 0 and report["checkpoint"].endswith(".ckpt")  # the weights' epsilon with it
+    assert (tmp_path / "glyphs.pt").exists()  # the public feature extractor, trained once and kept
+
+
+def test_summary_reports_metrics_and_the_labelled_ceiling():
+    result = quickstart.StageResult("finetune", 10.0, "r", None, None, None,
+                                    metrics={"val/downstream_acc": 0.61, "val/fid_glyph": 3.2}, ceiling=0.9)
+    text = quickstart.summary([result])
+    assert "downstream accuracy" in text and "0.610" in text and "NOT Inception FID" in text
+    assert "0.900 (not private: a reference only)" in text

@@ -1,7 +1,9 @@
-"""Lightning callbacks: exporting stages, sample grids."""
+"""Lightning callbacks: exporting stages, sample grids, privacy monitoring, sample-based metrics."""
 
+from dpldm.callbacks.evaluation import FID, CLIPScore, DownstreamAccuracy, SampleMetric, SampleSettings
 from dpldm.callbacks.export import ExportPretrained
 from dpldm.callbacks.privacy import PrivacyMonitor
 from dpldm.callbacks.samples import SampleGrid
 
-__all__ = ["ExportPretrained", "PrivacyMonitor", "SampleGrid"]
+__all__ = ["CLIPScore", "DownstreamAccuracy", "ExportPretrained", "FID", "PrivacyMonitor", "SampleGrid",
+           "SampleMetric", "SampleSettings"]

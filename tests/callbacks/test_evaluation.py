@@ -1,0 +1,123 @@
+"""Metric callbacks: shared samples, the values they log, and where they log them."""
+
+import csv
+from pathlib import Path
+
+import lightning.pytorch as L
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+
+from dpldm.callbacks import FID, CLIPScore, DownstreamAccuracy, SampleSettings
+from dpldm.callbacks.evaluation import conditions
+from dpldm.datamodules import ImageDataModule, TensorImageDataset
+from dpldm.errors import ConfigError
+
+ARCH = str(Path(__file__).resolve().parents[2] / "configs" / "laion" / "tiny-clip.json")
+
+
+def quadrant_images(labels: torch.Tensor, noise: float, seed: int) -> torch.Tensor:
+    """Class k: a bright 8x8 quadrant k on a dark 16x16 image, plus noise (trivially separable)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.full((len(labels), 1, 16, 16), -1.0)
+    for i, k in enumerate(labels.tolist()):
+        r, c = divmod(k, 2)
+        x[i, :, 8 * r:8 * r + 8, 8 * c:8 * c + 8] = 1.0
+    return (x + noise * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+
+
+class Quadrants(ImageDataModule):
+    num_classes, channels, image_size = 4, 1, 16
+
+    def _build(self, split):
+        labels = torch.arange(200) % 4
+        return TensorImageDataset(quadrant_images(labels, 0.3, {"train": 0, "val": 1, "test": 2}[split]), labels)
+
+
+class Conditioner(nn.Module):
+    def __init__(self, text=False):
+        super().__init__()
+        self.input_key, self.num_classes = ("caption" if text else "label"), 4
+
+
+class FakeGenerator(L.LightningModule):
+    """Samples the quadrant of its label (``noise`` controls how good it is); counts its sampling calls."""
+
+    def __init__(self, noise=0.3, text=False):
+        super().__init__()
+        self.conditioner, self.noise, self.calls = Conditioner(text), noise, 0
+        self.layer = nn.Linear(1, 1)
+
+    def sample(self, cond, guidance_scale=None, num_steps=None, generator=None):
+        self.calls += 1
+        labels = torch.tensor([len(c) % 4 for c in cond]) if isinstance(cond, list) else cond
+        return quadrant_images(labels.cpu(), self.noise, int(torch.randint(1000, (), generator=generator)))
+
+
+class Trainable(FakeGenerator):
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch["image"].mean((1, 2, 3))[:, None]).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class TinyFeatures(nn.Module):
+    def forward(self, x):  # [B, 1, 16, 16] -> [B, 4]: mean brightness per quadrant
+        return x.unfold(2, 8, 8).unfold(3, 8, 8).mean((-1, -2)).flatten(1)
+
+
+def test_conditions_balance_classes_and_cycle_prompts():
+    assert conditions(FakeGenerator(), 10).tolist() == [0, 1, 2, 3, 0, 1, 2, 3, 0, 1]
+    assert conditions(FakeGenerator(text=True), 3, ["a", "b"]) == ["a", "b", "a"]
+    with pytest.raises(ConfigError, match="prompts"):
+        conditions(FakeGenerator(text=True), 3)
+
+
+def test_downstream_accuracy_and_fid_share_the_samples_of_a_step():
+    model, data = FakeGenerator(), Quadrants(batch_size=64)
+    settings = SampleSettings(batch_size=100)
+    acc = DownstreamAccuracy(num_samples=200, epochs=5, sampling=settings).evaluate(model, data, step=7)
+    fid = FID(TinyFeatures(), num_samples=200, sampling=settings).evaluate(model, data, step=7)
+    assert model.calls == 2  # 200 samples in batches of 100, drawn once for both metrics
+    assert acc["val/downstream_acc"] > 0.9  # separable samples -> the real test split is classified well
+    bad = FID(TinyFeatures(), num_samples=200, sampling=settings).evaluate(FakeGenerator(noise=1.5), data, step=7)
+    assert fid["val/fid"] < 0.05 < bad["val/fid"]  # samples like the test split: ~0; noisy samples: far
+
+
+def test_downstream_accuracy_is_at_chance_for_a_generator_that_ignores_labels():
+    class Ignores(FakeGenerator):
+        def sample(self, cond, *args, **kwargs):
+            return super().sample(torch.zeros_like(cond), *args, **kwargs)
+
+    acc = DownstreamAccuracy(num_samples=200, epochs=5).evaluate(Ignores(), Quadrants(), step=0)
+    assert acc["val/downstream_acc"] < 0.5
+
+
+def test_clip_score_callback_reports_a_score_for_its_prompts():
+    cb = CLIPScore(prompts=["a cat", "a red car"], model_name=ARCH, pretrained=None, num_samples=4)
+    images = torch.rand(4, 1, 16, 16) * 2 - 1  # grey samples are accepted (repeated to RGB)
+    value = cb.compute(FakeGenerator(text=True), None, images, ["a cat", "a red car"] * 2)["val/clip_score"]
+    assert 0 <= value <= 100
+    with pytest.raises(ConfigError, match="prompts"):
+        CLIPScore(prompts=[])
+
+
+def test_metrics_are_logged_next_to_training_metrics(tmp_path):
+    model, data = Trainable(), Quadrants(batch_size=50)
+    callbacks = [DownstreamAccuracy(num_samples=100, epochs=2, every_n_epochs=1), FID(TinyFeatures(), num_samples=100)]
+    trainer = L.Trainer(max_epochs=2, logger=CSVLogger(tmp_path, name="logs"), enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=callbacks)
+    trainer.fit(model, data)
+    rows = list(csv.DictReader(open(next(tmp_path.glob("logs/version_*/metrics.csv")))))
+    acc_steps = [int(r["step"]) for r in rows if r.get("val/downstream_acc")]
+    assert len(acc_steps) == 3  # after each of the 2 epochs, and at the end of fit
+    assert [r for r in rows if r.get("val/fid")]  # the FID at the end only
+    assert callbacks[1].last["val/fid"] < 0.05
+
+
+def test_fast_dev_run_skips_the_metrics(tmp_path):
+    model, cb = Trainable(), DownstreamAccuracy(num_samples=10)
+    L.Trainer(fast_dev_run=True, callbacks=[cb], enable_progress_bar=False, default_root_dir=tmp_path).fit(model, Quadrants())
+    assert cb.last is None and model.calls == 0
