@@ -11,6 +11,7 @@ import logging
 import netrc
 import os
 import socket
+import sys
 from urllib.parse import urlparse
 
 from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
@@ -53,11 +54,13 @@ class WandbLogger(_LightningWandbLogger):
         group: W&B group, e.g. one per sweep.
         tags: W&B tags.
         log_model: upload checkpoints as artifacts (``False``, ``True`` at the end, ``"all"``).
+        reuse_run: log into a W&B run that is already open in this process (Lightning's habit); by
+            default an open run is finished first, so each fit (each quickstart stage) is its own run.
     """
 
     def __init__(self, project: str = "dpldm", name: str | None = None, save_dir: str = ".",
                  offline: bool | None = None, group: str | None = None, tags: list[str] | None = None,
-                 log_model: bool = False):
+                 log_model: bool = False, reuse_run: bool = False):
         if offline is None:
             reason = wandb_online_reason()
             offline = reason is not None
@@ -65,5 +68,8 @@ class WandbLogger(_LightningWandbLogger):
                 log.info("W&B logs offline (%s); upload later with `wandb sync %s`", reason,
                          os.path.join(save_dir, "wandb"))
         os.makedirs(save_dir, exist_ok=True)
+        wandb = sys.modules.get("wandb")
+        if not reuse_run and wandb is not None and wandb.run is not None:
+            wandb.finish()
         super().__init__(name=name, save_dir=save_dir, offline=offline, project=project, log_model=log_model,
                          group=group, tags=tags)

@@ -16,6 +16,8 @@ import os
 import time
 from dataclasses import dataclass
 
+from lightning.pytorch.loggers import WandbLogger
+
 from dpldm.callbacks.evaluation import DownstreamAccuracy, SampleMetric, real_images
 from dpldm.callbacks.samples import SampleGrid
 from dpldm.cli import DPLDMCLI
@@ -68,6 +70,9 @@ def run_stage(name: str, config: str, overrides: list[str]) -> StageResult:
     cli = DPLDMCLI(args=["fit", "--config", config, *overrides])
     seconds = time.perf_counter() - start
     trainer = cli.trainer
+    for logger in trainer.loggers:  # one W&B run per stage (W&B would otherwise reuse the open run)
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            logger.experiment.finish()
     ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else None
     grids = [cb.last_path for cb in trainer.callbacks if isinstance(cb, SampleGrid)]
     result = StageResult(name, seconds, trainer.default_root_dir, ckpt or None, trainer.log_dir,

@@ -203,3 +203,13 @@ def test_summary_reports_metrics_and_the_labelled_ceiling():
     text = quickstart.summary([result])
     assert "downstream accuracy" in text and "0.610" in text and "NOT Inception FID" in text
     assert "0.900 (not private: a reference only)" in text
+
+
+def test_each_stage_gets_its_own_wandb_run(quickstart_run, monkeypatch, tmp_path):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = tmp_path / "qs"
+    real_runs = [f"--override={s}:{a}" for s in (AE, "ldm") for a in ("--trainer.fast_dev_run=false",
+                                                                    "--trainer.max_steps=2", "--trainer.limit_val_batches=1")]
+    quickstart.main([*tiny_args(out), *real_runs, "--stages", AE, "ldm"])  # fast_dev_run would turn loggers off
+    for stage in ("autoencoder", "ldm"):  # W&B would otherwise keep logging into the first stage's run
+        assert list((out / stage / "wandb").glob("offline-run-*")), stage

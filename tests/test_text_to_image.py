@@ -23,7 +23,9 @@ def tiny_args(tmp_path):
             "--data.init_args.source.init_args.max_bad_fraction", "0.2",
             "--data.init_args.cache_dir", str(tmp_path / "cache"),
             "--trainer.default_root_dir", str(tmp_path / "run"),
-            "--model.init_args.conditioner.init_args.model_name", str(ARCH)]
+            "--model.init_args.conditioner.init_args.model_name", str(ARCH),
+            "--trainer.callbacks=[{class_path: dpldm.callbacks.CLIPScore, init_args: {prompts: [a photo, a red square], "
+            f"model_name: {ARCH}, pretrained: null, num_samples: 4, sampling: {{num_steps: 2}}}}}}]"]
 
 
 def test_tiny_text_to_image_pipeline(tiny_args, tmp_path):
@@ -38,6 +40,8 @@ def test_tiny_text_to_image_pipeline(tiny_args, tmp_path):
     report = json.loads(next((tmp_path / "run").rglob("privacy.json")).read_text())
     assert report["privacy/steps"] == 4 and report["privacy/sample_rate"] == pytest.approx(4 / 10)
     assert 0 < report["privacy/epsilon"] <= 10.0
+    rows = (next((tmp_path / "run").rglob("metrics.csv"))).read_text()
+    assert "val/clip_score" in rows.splitlines()[0]  # scored at the end of fit, logged next to privacy/*
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of item 1\n\na red square\n")

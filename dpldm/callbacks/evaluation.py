@@ -66,13 +66,24 @@ def draw_samples(model: nn.Module, conds: Tensor | list[str], settings: SampleSe
 
 
 def real_images(datamodule: object, max_items: int | None = None) -> tuple[Tensor, Tensor | None]:
-    """The real test split of a DataModule (a latent cache's source): images and labels (if any)."""
+    """Real held-out images of a DataModule (a latent cache's source): its test split, else its validation
+    split; images and labels (if any)."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
     from dpldm.metrics.downstream import load_images
 
     if datamodule is None:
         raise ConfigError("data", None, "evaluation against real images needs the run's DataModule")
-    datamodule.setup("test")
-    return load_images(datamodule.test_dataloader(), max_items)
+    try:
+        datamodule.setup("test")
+        loader = datamodule.test_dataloader()
+    except (MisconfigurationException, NotImplementedError):  # e.g. a stream of shards with no test split
+        datamodule.setup("validate")
+        loader = datamodule.val_dataloader()
+    if not loader:
+        raise ConfigError("data", type(datamodule).__name__, "has no test or validation images to compare with "
+                          "(e.g. set val_shards, or give the metric a reference_dir)")
+    return load_images(loader, max_items)
 
 
 class SampleMetric(L.Callback):

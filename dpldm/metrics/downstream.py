@@ -212,15 +212,16 @@ class ClassifierFeatures(nn.Module):
         return cls(classifier.to(device))
 
 
-def load_images(loader_or_dataset: Iterable, max_items: int | None = None) -> tuple[Tensor, Tensor]:
-    """Collects ``{"image", "label"}`` items (a Dataset) or batches (a DataLoader) into tensors.
+def load_images(loader_or_dataset: Iterable, max_items: int | None = None) -> tuple[Tensor, Tensor | None]:
+    """Collects ``{"image", "label"}`` items (a Dataset) or batches (a DataLoader) into tensors
+    (labels ``None`` for unlabelled data, e.g. image-caption pairs).
 
     Args:
         loader_or_dataset: a map-style Dataset of dicts, or any iterable of dict batches.
         max_items: keep at most this many images (None: all).
 
     Returns:
-        (images [N, C, H, W] float, labels [N] int64).
+        (images [N, C, H, W] float, labels [N] int64 or None).
     """
     source = loader_or_dataset
     if hasattr(source, "__getitem__") and hasattr(source, "__len__") and not isinstance(source, DataLoader):
@@ -229,12 +230,12 @@ def load_images(loader_or_dataset: Iterable, max_items: int | None = None) -> tu
     for item in source:
         x = torch.as_tensor(item["image"]).float()
         x = x[None] if x.ndim == 3 else x  # [b, C, H, W]
-        y = torch.as_tensor(item["label"]).long().reshape(-1)  # [b]
         images.append(x)
-        labels.append(y)
+        if "label" in item:
+            labels.append(torch.as_tensor(item["label"]).long().reshape(-1))  # [b]
         count += len(x)
         if max_items is not None and count >= max_items:
             break
     if not images:
         raise ValueError("load_images: the dataset or loader yielded no items")
-    return torch.cat(images)[:max_items], torch.cat(labels)[:max_items]
+    return torch.cat(images)[:max_items], (torch.cat(labels)[:max_items] if labels else None)
