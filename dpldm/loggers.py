@@ -67,9 +67,15 @@ class WandbLogger(_LightningWandbLogger):
             if offline and os.environ.get("WANDB_MODE", "").lower() != "disabled":
                 log.info("W&B logs offline (%s); upload later with `wandb sync %s`", reason,
                          os.path.join(save_dir, "wandb"))
-        os.makedirs(save_dir, exist_ok=True)
         wandb = sys.modules.get("wandb")
         if not reuse_run and wandb is not None and wandb.run is not None:
             wandb.finish()
         super().__init__(name=name, save_dir=save_dir, offline=offline, project=project, log_model=log_model,
                          group=group, tags=tags)
+
+    @property
+    def experiment(self):  # noqa: ANN201 (wandb's Run)
+        """The W&B run, started on first use (its folder is created only then)."""
+        if self._experiment is None and self.save_dir:
+            os.makedirs(self.save_dir, exist_ok=True)
+        return super().experiment
