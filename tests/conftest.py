@@ -22,6 +22,20 @@ TINY_AE = dict(in_channels=1, latent_channels=4, block_out_channels=(8, 16), nor
 TINY_UNET = dict(sample_size=4, in_channels=4, block_out_channels=(16, 32), attention=(True, True),
                  attention_head_dim=8, cross_attention_dim=16, norm_num_groups=8)
 
+# A tiny open_clip architecture (random weights, nothing downloaded), registered from a JSON file.
+TINY_CLIP = {"embed_dim": 16,
+             "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
+             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 24, "heads": 2, "layers": 1}}
+
+
+def write_tiny_clip(folder, name: str) -> str:
+    """Write TINY_CLIP as ``folder/name.json``; open_clip registers it under ``name``."""
+    import json
+
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps(TINY_CLIP))
+    return str(path)
+
 
 @pytest.fixture
 def tiny_vae():

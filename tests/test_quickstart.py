@@ -68,6 +68,15 @@ def _finetune(out, *extra: str) -> DPLDMCLI:
     return DPLDMCLI(args=["fit", "--config", cfg, *chain, *extra])
 
 
+def _finished_run(out):
+    """The fine-tune run folder, with a checkpoint (fast_dev_run keeps none: one real step then)."""
+    run = out / "finetune"
+    if not list(run.glob("logs/version_*/checkpoints/*.ckpt")):
+        _finetune(out, "--trainer.fast_dev_run=false", "--trainer.max_steps=1", "--trainer.limit_val_batches=0",
+                  "--trainer.callbacks=[]")
+    return run
+
+
 def test_frozen_autoencoder_unchanged_by_finetune(quickstart_run):
     out, _ = quickstart_run
     cli = _finetune(out)
@@ -135,10 +144,7 @@ def test_notebook_runs_on_a_finished_run(quickstart_run, monkeypatch):
     import nbformat
 
     out, _ = quickstart_run
-    run = out / "finetune"
-    if not list(run.glob("logs/version_*/checkpoints/*.ckpt")):  # fast_dev_run keeps no checkpoint
-        _finetune(out, "--trainer.fast_dev_run=false", "--trainer.max_steps=1", "--trainer.limit_val_batches=0",
-                  "--trainer.callbacks=[]")
+    run = _finished_run(out)
     monkeypatch.setenv("DPLDM_RUN", str(run))
     monkeypatch.setenv("DPLDM_STEPS", "2")
     path = os.path.join(os.path.dirname(quickstart.config_dir()), "..", "notebooks", "quickstart_samples.ipynb")
@@ -152,11 +158,7 @@ def test_sample_command_on_a_class_conditional_run(quickstart_run, tmp_path):
 
     from dpldm.cli import main
 
-    out, _ = quickstart_run
-    run = out / "finetune"
-    if not list(run.glob("logs/version_*/checkpoints/*.ckpt")):
-        _finetune(out, "--trainer.fast_dev_run=false", "--trainer.max_steps=1", "--trainer.limit_val_batches=0",
-                  "--trainer.callbacks=[]")
+    run = _finished_run(quickstart_run[0])
     main(["sample", str(run), "--labels", "0", "3", "--repeat", "2", "--steps", "2", "--out", str(tmp_path)])
     saved = np.load(tmp_path / "samples.npz")
     assert saved["images"].shape == (4, 32, 32, 1) and list(saved["labels"]) == [0, 0, 3, 3]
@@ -172,11 +174,7 @@ def test_evaluate_command_scores_a_checkpoint(quickstart_run, tmp_path):
 
     from dpldm.cli import main
 
-    out, _ = quickstart_run
-    run = out / "finetune"
-    if not list(run.glob("logs/version_*/checkpoints/*.ckpt")):
-        _finetune(out, "--trainer.fast_dev_run=false", "--trainer.max_steps=1", "--trainer.limit_val_batches=0",
-                  "--trainer.callbacks=[]")
+    run = _finished_run(quickstart_run[0])
     metrics = tmp_path / "metrics.yaml"
     metrics.write_text(f"""
 - class_path: dpldm.callbacks.DownstreamAccuracy

@@ -33,13 +33,9 @@ class CLIPScore:
                  checkpoint: str | None = None, device: str = "cpu", batch_size: int = 64):
         import open_clip
 
-        if isinstance(pretrained, str) and pretrained.lower() in ("none", "null", ""):
-            pretrained = None  # `--...pretrained null` on the command line arrives as the string "None"
-        if model_name.endswith(".json"):
-            if not os.path.isfile(model_name):
-                raise FileNotFoundError(f"model_name = {model_name!r}: no such open_clip architecture file")
-            open_clip.add_model_config(model_name)
-            model_name = os.path.splitext(os.path.basename(model_name))[0]
+        from dpldm.modules.conditioning import resolve_open_clip
+
+        model_name, pretrained = resolve_open_clip(model_name, pretrained, "model_name")
         if checkpoint is not None and not os.path.isfile(checkpoint):
             raise FileNotFoundError(f"{FIELD} = {checkpoint!r}: no such file")
         source = checkpoint if checkpoint is not None else pretrained

@@ -103,6 +103,27 @@ class ClassEmbedder(Conditioner):
         return torch.full((batch_size,), self.num_classes, dtype=torch.long, device=self.embedding.weight.device)
 
 
+def resolve_open_clip(model_name: str, pretrained: str | None, field: str) -> tuple[str, str | None]:
+    """open_clip's (architecture name, pretrained tag) for our config values.
+
+    Args:
+        model_name: an open_clip architecture, or a JSON architecture file (registered under its stem).
+        pretrained: a tag; ``none``/``null``/empty mean random weights (``--...pretrained null`` on the
+            command line arrives as the string "None").
+        field: the config key of ``model_name``, for the error.
+    """
+    import open_clip
+
+    if isinstance(pretrained, str) and pretrained.lower() in ("none", "null", ""):
+        pretrained = None
+    if model_name.endswith(".json"):
+        if not os.path.isfile(model_name):
+            raise FileNotFoundError(f"{field} = {model_name!r}: no such open_clip architecture file")
+        open_clip.add_model_config(model_name)
+        model_name = os.path.splitext(os.path.basename(model_name))[0]
+    return model_name, pretrained
+
+
 class OpenCLIPTextEncoder(Conditioner):
     """A frozen open_clip text transformer; its per-token features (after ``ln_final``), optionally
     mapped by a learned linear projection to the UNet's cross-attention width.
@@ -128,13 +149,7 @@ class OpenCLIPTextEncoder(Conditioner):
         import open_clip
 
         field = "model.init_args.conditioner.init_args"
-        if isinstance(pretrained, str) and pretrained.lower() in ("none", "null", ""):
-            pretrained = None  # `--...pretrained null` on the command line arrives as the string "None"
-        if model_name.endswith(".json"):
-            if not os.path.isfile(model_name):
-                raise FileNotFoundError(f"{field}.model_name = {model_name!r}: no such architecture file")
-            open_clip.add_model_config(model_name)
-            model_name = os.path.splitext(os.path.basename(model_name))[0]
+        model_name, pretrained = resolve_open_clip(model_name, pretrained, f"{field}.model_name")
         source = checkpoint if checkpoint is not None else pretrained
         if checkpoint is not None and not os.path.isfile(checkpoint):
             raise FileNotFoundError(f"{field}.checkpoint = {checkpoint!r}: no such file")

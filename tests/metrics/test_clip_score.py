@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import open_clip
@@ -12,6 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from dpldm.metrics import CLIPScore
+from tests.conftest import write_tiny_clip
 
 PROMPTS = ["a red car", "a dog", "the digit seven", "a glyph", "an empty room", "two cats"]
 
@@ -19,13 +19,9 @@ PROMPTS = ["a red car", "a dog", "the digit seven", "a glyph", "an empty room", 
 @pytest.fixture(scope="module")
 def score(tmp_path_factory):
     """CLIPScore of a tiny architecture given as a JSON file (registered under its stem), random weights."""
-    cfg = {"embed_dim": 16,
-           "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
-           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 24, "heads": 2, "layers": 1}}
-    path = tmp_path_factory.mktemp("clip") / "dpldm-tiny-clip-score.json"
-    path.write_text(json.dumps(cfg))
+    path = write_tiny_clip(tmp_path_factory.mktemp("clip"), "dpldm-tiny-clip-score")
     torch.manual_seed(0)
-    return CLIPScore(str(path), pretrained="null", batch_size=4)
+    return CLIPScore(path, pretrained="null", batch_size=4)
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from dpldm.modules import ClassEmbedder, OpenCLIPTextEncoder
+from tests.conftest import write_tiny_clip
 
 
 def test_class_embedder_tokens_and_null_class():
@@ -22,12 +23,7 @@ def test_class_embedder_tokens_and_null_class():
 @pytest.fixture(scope="module")
 def tiny_clip_name(tmp_path_factory):
     """A tiny open_clip architecture registered from a JSON config (random weights, no download)."""
-    cfg = {"embed_dim": 16,
-           "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
-           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 24, "heads": 2, "layers": 1}}
-    path = tmp_path_factory.mktemp("clip") / "dpldm-tiny-clip.json"
-    path.write_text(json.dumps(cfg))
-    open_clip.add_model_config(path)
+    open_clip.add_model_config(write_tiny_clip(tmp_path_factory.mktemp("clip"), "dpldm-tiny-clip"))
     return "dpldm-tiny-clip"
 
 
