@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from dpldm.errors import ConfigError
 from dpldm.privacy.accounting import PrivacyAccountant, calibrate_noise, max_steps_within
+from dpldm.privacy.clipping import BookKeepingClipper, SummedGradDPOptimizer
 from dpldm.privacy.settings import DifferentialPrivacy, PrivacyPlan
 
 # Opacus's backward hooks on the first trained layer, whose inputs need no gradient: expected, harmless.
@@ -91,7 +92,12 @@ class DPSGDEngine:
         self.seed = settings.seed if settings.seed is not None else fresh_seed()
         self.noise_generator = torch.Generator()
         self.reseed(start_step)
-        self._hooks = [GradSampleHooks(m, batch_first=True, loss_reduction="sum", strict=True) for m in trained]
+        if settings.clipping == "hooks":
+            self.clipper = None
+            self._hooks = [GradSampleHooks(m, batch_first=True, loss_reduction="sum", strict=True) for m in trained]
+        else:
+            self._hooks = []
+            self.clipper = BookKeepingClipper(trained, "ghost" if settings.clipping == "ghost" else "auto")
 
     def reseed(self, step: int) -> None:
         self.noise_generator.manual_seed(derive_seed(self.seed, step, 1))
@@ -110,7 +116,8 @@ class DPSGDEngine:
             gen = torch.Generator(device)
             gen.manual_seed(int(self.noise_generator.initial_seed()))
             self.noise_generator = gen
-        return DPOptimizer(optimizer, noise_multiplier=self.noise_multiplier,
+        kind = DPOptimizer if self.clipper is None else SummedGradDPOptimizer
+        return kind(optimizer, noise_multiplier=self.noise_multiplier,
                            max_grad_norm=self.settings.max_grad_norm,
                            expected_batch_size=self.plan.expected_batch_size, loss_reduction="mean",
                            generator=None if self.settings.secure_mode else self.noise_generator,
@@ -134,9 +141,12 @@ class DPSGDEngine:
         Returns:
             (sum of the per-example losses, number of examples): for declared, non-private logging only.
         """
-        dp_optimizer = getattr(optimizer, "optimizer", optimizer)  # the DPOptimizer under Lightning's wrapper
         n = len(next(iter(batch.values()))) if batch else 0
         chunks = list(micro_batches(batch, self.settings.max_physical_batch_size)) if n else []
+        if self.clipper is not None:
+            total = self._bookkeeping_step(chunks, per_example_loss, optimizer, backward)
+            return total, n
+        dp_optimizer = getattr(optimizer, "optimizer", optimizer)  # the DPOptimizer under Lightning's wrapper
         total = 0.0
         for i, chunk in enumerate(chunks):
             loss = per_example_loss(chunk)  # [b]
@@ -153,6 +163,24 @@ class DPSGDEngine:
         optimizer.zero_grad(set_to_none=True)
         self.step_taken()
         return total, n
+
+    def _bookkeeping_step(self, chunks: list[dict], per_example_loss: Callable[[dict], Tensor],
+                          optimizer: torch.optim.Optimizer, backward: Callable[[Tensor], None]) -> float:
+        """``fast``/``ghost``: each micro-batch's clipped sum straight from activations and output gradients."""
+        total = 0.0
+        self.clipper.begin()
+        try:
+            for chunk in chunks:
+                loss = per_example_loss(chunk)  # [b]
+                backward(loss.sum())
+                self.clipper.accumulate(len(loss), self.settings.max_grad_norm)
+                total += float(loss.detach().sum())
+        finally:
+            self.clipper.end()
+        optimizer.step()  # add N(0, sigma^2 C^2) once to the clipped sum, divide by B, step
+        optimizer.zero_grad(set_to_none=True)
+        self.step_taken()
+        return total
 
     def exhausted(self) -> bool:
         """True when one more step would exceed the target epsilon."""
@@ -176,4 +204,6 @@ class DPSGDEngine:
     def detach(self) -> None:
         for h in self._hooks:
             h.remove_hooks()
+        if self.clipper is not None:
+            self.clipper.remove()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Literal
 
 from dpldm.errors import ConfigError
 from dpldm.privacy.accounting import AccountantKind
@@ -29,16 +30,20 @@ class DifferentialPrivacy:
             a seeded run replays the same noise if its seed leaks).
         log_private_metrics: log the training/validation loss of private batches. Off by default: those
             aggregates are not differentially private. Turning it on is a declared leak.
+        clipping: how per-example gradient norms and the clipped sum are computed (same result):
+            ``fast`` (ghost or instantiated norms per Linear layer, whichever is cheaper, and book-keeping:
+            no per-example gradients where they are not needed), ``ghost`` (ghost norms for every Linear
+            layer), ``hooks`` (Opacus's per-example gradients for every layer).
     """
 
     def __init__(self, epsilon: float | None = 10.0, delta: float | None = None, max_grad_norm: float = 1.0,
                  noise_multiplier: float | None = None, accountant: AccountantKind = "prv",
                  max_physical_batch_size: int = 64, secure_mode: bool = False, seed: int | None = None,
-                 log_private_metrics: bool = False):
+                 log_private_metrics: bool = False, clipping: Literal["fast", "ghost", "hooks"] = "fast"):
         self.epsilon, self.delta, self.max_grad_norm = epsilon, delta, max_grad_norm
         self.noise_multiplier, self.accountant = noise_multiplier, accountant
         self.max_physical_batch_size, self.secure_mode, self.seed = max_physical_batch_size, secure_mode, seed
-        self.log_private_metrics = log_private_metrics
+        self.log_private_metrics, self.clipping = log_private_metrics, clipping
         check_settings(self)
 
 
@@ -54,6 +59,8 @@ def check_settings(dp: DifferentialPrivacy) -> None:
         raise ConfigError(f"{FIELD}.noise_multiplier", dp.noise_multiplier, "must be >= 0")
     if dp.accountant not in ("prv", "rdp"):
         raise ConfigError(f"{FIELD}.accountant", dp.accountant, "must be 'prv' or 'rdp'")
+    if dp.clipping not in ("fast", "ghost", "hooks"):
+        raise ConfigError(f"{FIELD}.clipping", dp.clipping, "must be 'fast', 'ghost' or 'hooks'")
     if dp.max_physical_batch_size < 1:
         raise ConfigError(f"{FIELD}.max_physical_batch_size", dp.max_physical_batch_size, "must be >= 1")
 

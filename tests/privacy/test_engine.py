@@ -24,8 +24,10 @@ def make_model(noise_draws=1, kind="attention"):
     return model.train()
 
 
-def make_engine(model, batch_size, sigma=1.0, clip=1.0):
-    settings = DifferentialPrivacy(noise_multiplier=sigma, epsilon=None, max_grad_norm=clip, seed=0)
+def make_engine(model, batch_size, sigma=1.0, clip=1.0, clipping="hooks", physical=64):
+    """The engine; ``hooks`` by default here: these tests read Opacus's per-example gradients."""
+    settings = DifferentialPrivacy(noise_multiplier=sigma, epsilon=None, max_grad_norm=clip, seed=0,
+                                   clipping=clipping, max_physical_batch_size=physical)
     plan = PrivacyPlan(num_samples=100, expected_batch_size=batch_size, sample_rate=batch_size / 100,
                        delta=1e-3, planned_steps=10)
     model.privacy = settings

@@ -1,0 +1,177 @@
+"""Per-example clipping without per-example gradients where they are not needed (plain PyTorch).
+
+For a Linear layer with inputs a_i [T, d_in] and output gradients g_i [T, d_out] of example i, the weight
+gradient is G_i = g_i^T a_i. Two ways to get what clipping needs:
+
+- norms: *ghost* (Goodfellow, 2015; Li et al., 2022): ||G_i||^2 = <a_i a_i^T, g_i g_i^T>, cost T^2 (d_in + d_out),
+  no G_i in memory; or *instantiated*: G_i itself, cost T d_in d_out. Per layer the cheaper one is used
+  (as in mixed ghost clipping, Bu et al., 2022): ghost when T (d_in + d_out) < d_in d_out.
+- the clipped sum: *book-keeping* (Bu et al., 2023): sum_i c_i G_i = (c * g)^T a, one matmul over the
+  activations and output gradients kept from the single backward pass; no second backward.
+
+1x1 convolutions (proj_in/proj_out of the transformer blocks) are Linear layers over H W tokens. Other
+trained layers (GroupNorm, LayerNorm, other convolutions, Embedding) have few parameters or are rare in the
+attention scope: their per-example gradients come from Opacus's grad samplers. The K noise draws of one
+example are its adjacent rows: they are joined into one sequence (Linear) or summed (others), so the
+*whole* gradient of the example's K-averaged loss is clipped once. Clip factors and the noise are Opacus's
+(``C / (||g_i|| + 1e-6)`` capped at 1; noise and scaling by :class:`SummedGradDPOptimizer`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import torch
+from opacus.grad_sample import GradSampleModule
+from opacus.optimizers import DPOptimizer
+from torch import Tensor, nn
+
+from dpldm.errors import ConfigError
+
+LinearNorms = Literal["auto", "ghost", "instantiate"]
+Clipped = Callable[[Tensor], dict[nn.Parameter, Tensor]]  # clip factors [n] -> clipped sum per parameter
+
+
+def _fold(x: Tensor, n: int) -> Tensor:
+    """[R, *, d] rows (R = n or n K, the K rows of an example adjacent) -> [n, K T, d] per example."""
+    if x.shape[0] % n:
+        raise RuntimeError(f"{x.shape[0]} rows for {n} examples")
+    return x.reshape(n, -1, x.shape[-1])
+
+
+def _is_pointwise_conv(m: nn.Module) -> bool:
+    """A 1x1 convolution (the transformer blocks' proj_in/proj_out): a Linear layer over H W tokens."""
+    return (isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.stride == (1, 1) and m.padding == (0, 0)
+            and m.dilation == (1, 1) and m.groups == 1)
+
+
+def _tokens(m: nn.Module, x: Tensor) -> Tensor:
+    """A Linear-like layer's input or output gradient as tokens [R, *, d]."""
+    return x.flatten(2).transpose(1, 2) if isinstance(m, nn.Conv2d) else x  # [R, C, H, W] -> [R, H W, C]
+
+
+def _fold_samples(gs: Tensor, n: int) -> Tensor:
+    """Per-row gradients [R, *shape] -> per-example [n, *shape] (the K rows of an example summed)."""
+    return gs if gs.shape[0] == n else gs.view(n, -1, *gs.shape[1:]).sum(1)
+
+
+class BookKeepingClipper:
+    """Captures inputs and output gradients of the trained layers; turns them into the clipped sum.
+
+    Args:
+        trained: top modules whose parameters are trained.
+        linear_norms: ``auto`` (cheaper per layer), ``ghost`` or ``instantiate`` for Linear layers.
+    """
+
+    def __init__(self, trained: Sequence[nn.Module], linear_norms: LinearNorms = "auto"):
+        self.linear_norms, self.active = linear_norms, False
+        self.layers = [m for top in trained for m in top.modules()
+                       if any(p.requires_grad for p in m.parameters(recurse=False))]
+        self.params = [p for m in self.layers for p in m.parameters(recurse=False) if p.requires_grad]
+        self._trained = {id(p) for p in self.params}
+        for m in self.layers:
+            if not isinstance(m, nn.Linear) and type(m) not in GradSampleModule.GRAD_SAMPLERS:
+                raise ConfigError("model.init_args.privacy.init_args.clipping", type(m).__name__,
+                                  "has no per-example gradient rule here; use clipping: hooks")
+        self.inputs: dict[nn.Module, list[Tensor]] = {}
+        self.grads: dict[nn.Module, Tensor] = {}
+        self._handles = [m.register_forward_hook(self._capture) for m in self.layers]
+
+    def begin(self) -> None:
+        """Start capturing. Weights stop requiring gradients for the step: autograd then computes only
+        the gradients flowing between layers, never the (unclipped) weight gradients nobody uses."""
+        self.active = True
+        for p in self.params:
+            p.requires_grad_(False)
+
+    def end(self) -> None:
+        self.active = False
+        for p in self.params:
+            p.requires_grad_(True)
+        self.inputs.clear()
+        self.grads.clear()
+
+    def _capture(self, module: nn.Module, inputs: tuple, output: Tensor) -> Tensor | None:
+        """Keep the layer's input; hook its output's gradient (the layer's g). A layer below every other
+        trained one gets an output that requires grad: the backward pass starts there, no lower."""
+        if not (self.active and torch.is_grad_enabled()):
+            return None
+        if module in self.inputs:
+            raise RuntimeError(f"{type(module).__name__} ran twice in one forward; use clipping: hooks")
+        self.inputs[module] = [x.detach() for x in inputs if isinstance(x, Tensor)]
+        if not output.requires_grad:
+            output = output.detach().requires_grad_(True)
+        output.register_hook(lambda grad: self.grads.__setitem__(module, grad.detach()))
+        return output
+
+    def _linear(self, m: nn.Linear | nn.Conv2d, n: int) -> tuple[Tensor, Clipped]:
+        """Squared per-example norms [n] of a Linear (or 1x1 conv) layer, and how to make its clipped sum."""
+        a, g = _fold(_tokens(m, self.inputs[m][0]), n), _fold(_tokens(m, self.grads[m]), n)  # [n, T', d_in|d_out]
+        t, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
+        ghost = self.linear_norms == "ghost" or (self.linear_norms == "auto" and t * (d_in + d_out) < d_in * d_out)
+        if ghost:  # <a a^T, g g^T>: [n, T', T'] Gram matrices, no [n, d_out, d_in] tensor
+            sq = (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
+        else:
+            sq = torch.bmm(g.transpose(1, 2), a).pow(2).sum((1, 2))  # ||G_i||^2 from G_i [n, d_out, d_in]
+        weight = id(m.weight) in self._trained
+        bias = m.bias is not None and id(m.bias) in self._trained
+        if bias:
+            sq = sq + g.sum(1).pow(2).sum(1)
+
+        def clipped(c: Tensor) -> dict[nn.Parameter, Tensor]:  # book-keeping: (c g)^T a, one matmul
+            cg = g * c[:, None, None]
+            out = {m.weight: (cg.reshape(-1, d_out).T @ a.reshape(-1, d_in)).view_as(m.weight)} if weight else {}
+            if bias:
+                out[m.bias] = cg.sum((0, 1))
+            return out
+
+        return sq, clipped
+
+    def _sampled(self, m: nn.Module, n: int) -> tuple[Tensor, Clipped]:
+        """The same for any layer with an Opacus grad sampler (per-example gradients instantiated)."""
+        trained = [p for p in m.parameters(recurse=False) if id(p) in self._trained]
+        for p in trained:  # Opacus's samplers only serve parameters that require grad
+            p.requires_grad_(True)
+        samples = GradSampleModule.GRAD_SAMPLERS[type(m)](m, self.inputs[m], self.grads[m])
+        for p in trained:
+            p.requires_grad_(False)
+        samples = {p: _fold_samples(gs, n) for p, gs in samples.items() if id(p) in self._trained}
+        sq = sum(gs.reshape(n, -1).pow(2).sum(1) for gs in samples.values())
+
+        def clipped(c: Tensor) -> dict[nn.Parameter, Tensor]:
+            return {p: torch.einsum("n,n...->...", c, gs) for p, gs in samples.items()}
+
+        return sq, clipped
+
+    def accumulate(self, num_examples: int, max_grad_norm: float) -> None:
+        """After the backward of one micro-batch: clip each example's whole gradient, add the sum to
+        ``p.summed_grad``, forget the captured tensors."""
+        parts = [self._linear(m, num_examples) if isinstance(m, nn.Linear) or _is_pointwise_conv(m)
+                 else self._sampled(m, num_examples) for m in self.layers if m in self.grads]
+        norms = torch.stack([sq for sq, _ in parts]).sum(0).sqrt()  # [n]: over all trained parameters
+        factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        for _, clipped in parts:
+            for p, s in clipped(factor).items():
+                p.summed_grad = s if getattr(p, "summed_grad", None) is None else p.summed_grad + s
+        self.inputs.clear()
+        self.grads.clear()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+class SummedGradDPOptimizer(DPOptimizer):
+    """Opacus's DPOptimizer for a clipped sum already in ``p.summed_grad`` (from :class:`BookKeepingClipper`):
+    add N(0, sigma^2 C^2) once, divide by the expected batch size, step."""
+
+    def pre_step(self, closure: object = None) -> bool:
+        for p in self.params:
+            if getattr(p, "summed_grad", None) is None:  # an empty Poisson batch, or an unused parameter
+                p.summed_grad = torch.zeros_like(p)
+        self.add_noise()
+        for p in self.params:
+            p.grad /= self.expected_batch_size
+        self._is_last_step_skipped = False
+        return True
