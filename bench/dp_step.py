@@ -44,7 +44,7 @@ def rss_mb() -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
 
 
-def measure(geometry: str, batch: int, scope: str, dp: bool, steps: int, physical: int) -> dict:
+def measure(geometry: str, batch: int, scope: str, dp: bool, steps: int, physical: int, clipping: str) -> dict:
     """Runs in a child process: median step time and peak RSS growth over the timed steps."""
     import torch
 
@@ -62,7 +62,8 @@ def measure(geometry: str, batch: int, scope: str, dp: bool, steps: int, physica
     c, size = g["image"]
     data = {"image": torch.rand(batch, c, size, size) * 2 - 1, "label": torch.arange(batch) % 10}
     if dp:
-        settings = DifferentialPrivacy(noise_multiplier=1.0, epsilon=None, max_physical_batch_size=physical, seed=0)
+        settings = DifferentialPrivacy(noise_multiplier=1.0, epsilon=None, max_physical_batch_size=physical, seed=0,
+                                       clipping=clipping)
         engine = DPSGDEngine(settings, PrivacyPlan(50_000, batch, batch / 50_000, 1e-5, 1000), model.trained_modules)
         opt = engine.wrap(opt)
 
@@ -102,6 +103,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5, help="timed steps per configuration (after one warm-up)")
     p.add_argument("--physical", type=int, default=64, help="DP physical micro-batch size")
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--clipping", default="fast", choices=["fast", "ghost", "hooks"], help="DP clipping method")
     p.add_argument("--child", nargs=4, metavar=("GEOMETRY", "BATCH", "SCOPE", "DP"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
@@ -109,9 +111,10 @@ def main() -> None:
 
         torch.set_num_threads(a.threads)
         geometry, batch, scope, dp = a.child
-        print(json.dumps(measure(geometry, int(batch), scope, dp == "1", a.steps, a.physical)))
+        print(json.dumps(measure(geometry, int(batch), scope, dp == "1", a.steps, a.physical, a.clipping)))
         return
-    print(f"dpldm DP step benchmark: {a.steps} timed steps each, DP physical micro-batch {a.physical}, "
+    print(f"dpldm DP step benchmark: clipping {a.clipping}, {a.steps} timed steps each, "
+          f"DP physical micro-batch {a.physical}, "
           f"{a.threads} threads; time = median s/step, mem = peak RSS growth (MB) during the steps")
     header = (f"{'geometry':<11}{'batch':>6} {'scope':<10}{'trained':>11}{'nonDP s':>9}{'DP s':>8}{'DP/non':>8}"
               f"{'nonDP MB':>10}{'DP MB':>8}{'mem x':>7}")
@@ -120,7 +123,8 @@ def main() -> None:
         for batch in a.batch_sizes:
             dp_times = {}
             for scope in ("attention", "full"):
-                common = ["--steps", str(a.steps), "--physical", str(a.physical), "--threads", str(a.threads)]
+                common = ["--steps", str(a.steps), "--physical", str(a.physical), "--threads", str(a.threads),
+                          "--clipping", a.clipping]
                 base = run_child([*common, "--child", geometry, str(batch), scope, "0"])
                 priv = run_child([*common, "--child", geometry, str(batch), scope, "1"])
                 dp_times[scope] = priv["time"]

@@ -3,14 +3,17 @@
 One logical step over a Poisson batch of n examples (expected size B = qN):
 
   for each physical micro-batch:   loss_i = mean_k l(x_i, t_ik, eps_ik)    (K draws -> one loss per example)
-                                   backward of sum_i loss_i; per-row gradients from Opacus hooks
-                                   rows of the same example summed          -> g_i (the *whole* gradient)
-                                   clip g_i <- g_i * min(1, C / ||g_i||) over all trained parameters at
-                                   once, add to the running sum, free the g_i
-  noise:  g = (sum_i g_i + N(0, sigma^2 C^2 I)) / B, once                    (Opacus DPOptimizer)
+                                   backward of sum_i loss_i
+                                   ||g_i|| over all trained parameters at once (g_i: the *whole* gradient
+                                   of example i, its K rows together); c_i = min(1, C / ||g_i||)
+                                   add sum_i c_i g_i to the running sum
+  noise:  g = (sum_i c_i g_i + N(0, sigma^2 C^2 I)) / B, once                (Opacus DPOptimizer)
   account one step of the subsampled Gaussian mechanism (q, sigma).
 
-Hooks go only on the trained modules; frozen layers get no per-sample work.
+``clipping: fast`` (default) and ``ghost`` get norms and the clipped sum from layer inputs and output
+gradients (dpldm.privacy.clipping: ghost norms, book-keeping), never materialising per-example gradients
+of Linear layers; ``hooks`` uses Opacus's per-example gradients of every layer. All give the same update.
+Only the trained modules get any per-sample work.
 """
 
 from __future__ import annotations
