@@ -137,7 +137,7 @@ class BookKeepingClipper:
         for p in trained:
             p.requires_grad_(False)
         samples = {p: _fold_samples(gs, n) for p, gs in samples.items() if id(p) in self._trained}
-        sq = sum(gs.reshape(n, -1).pow(2).sum(1) for gs in samples.values())
+        sq = sum((gs.reshape(n, -1).pow(2).sum(1) for gs in samples.values()), torch.zeros(n, device=self.grads[m].device))
 
         def clipped(c: Tensor) -> dict[nn.Parameter, Tensor]:
             return {p: torch.einsum("n,n...->...", c, gs) for p, gs in samples.items()}
