@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import warnings
@@ -82,31 +83,19 @@ def cache(argv: list[str]) -> dict:
     return meta
 
 
+# dpldm's own subcommands besides LightningCLI's fit/validate/test/predict: name -> module with main(argv).
+SUBCOMMANDS = {"quickstart": "dpldm.quickstart", "sample": "dpldm.sample", "evaluate": "dpldm.evaluate",
+               "privacy": "dpldm.privacy.calculator"}
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``dpldm`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "quickstart":
-        from dpldm.quickstart import main as quickstart
-
-        quickstart(argv[1:])
-        return
     if argv and argv[0] == "cache":
         cache(argv[1:])
         return
-    if argv and argv[0] == "sample":
-        from dpldm.sample import main as sample
-
-        sample(argv[1:])
-        return
-    if argv and argv[0] == "evaluate":
-        from dpldm.evaluate import main as evaluate
-
-        evaluate(argv[1:])
-        return
-    if argv and argv[0] == "privacy":
-        from dpldm.privacy.calculator import main as privacy
-
-        privacy(argv[1:])
+    if argv and argv[0] in SUBCOMMANDS:  # each module's main(argv)
+        importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
         return
     DPLDMCLI(args=argv)
 

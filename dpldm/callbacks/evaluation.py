@@ -11,7 +11,6 @@ split (evaluation data, never the training set).
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
 import lightning.pytorch as L
@@ -205,10 +204,9 @@ class FID(SampleMetric):
         super().__init__(num_samples, every_n_epochs, sampling)
         self.key, self.reference_samples = key, reference_samples
         self.metric = FIDScore(extractor, reference, reference_split, reference_resolution, reference_dir, stats_path)
-        self._from_data = reference is None and reference_dir is None and not (stats_path and os.path.exists(stats_path))
 
     def compute(self, model: nn.Module, datamodule: object, images: Tensor, conds: Tensor | list[str]) -> dict:
-        real = real_images(datamodule, self.reference_samples)[0] if self._from_data else None
+        real = real_images(datamodule, self.reference_samples)[0] if self.metric.needs_images() else None  # once
         reference = self.metric.reference_stats(real)
         return {self.key: self.metric(images, reference)}
 

@@ -116,6 +116,7 @@ class LatentCacheDataModule(ImageDataModule):
         self.source, self.cache_dir, self.flip_views = source, str(cache_dir), flip_views
         self.dtype, self.on_mismatch = dtype, on_mismatch
         self.encode_batch_size, self.chunk_size = encode_batch_size, chunk_size
+        self._expected: dict | None = None  # fingerprints computed by prepare_data, for setup
 
     # The geometry the model checks against is the source's.
     @property
@@ -138,17 +139,19 @@ class LatentCacheDataModule(ImageDataModule):
         return {"format": FORMAT, "views": 2 if self.flip_views else 1, "dtype": self.dtype,
                 "fingerprints": fingerprints}
 
-    def build(self, model: torch.nn.Module, device: str | torch.device | None = None) -> dict:
+    def build(self, model: torch.nn.Module, device: str | torch.device | None = None,
+              expected: dict | None = None) -> dict:
         """Make sure a cache for ``model`` exists: keep a matching one, resume or (re)build otherwise.
 
         Args:
             model: the diffusion model whose frozen ``autoencoder`` and ``conditioner`` encode.
             device: where to encode; default CUDA when available.
+            expected: :meth:`expected_meta` of ``model``, when already computed.
 
         Returns:
             The cache's metadata.
         """
-        expected = self.expected_meta(model)
+        expected = expected or self.expected_meta(model)
         meta = read_meta(self.cache_dir)
         if meta is not None:
             try:
@@ -183,13 +186,15 @@ class LatentCacheDataModule(ImageDataModule):
         """Prepare the source (validation and test read it), then build the cache when missing or interrupted."""
         self.source.prepare_data()
         if self._model() is not None:
-            self.build(self._model())
+            self._expected = self.expected_meta(self._model())  # setup() of the same fit reuses it
+            self.build(self._model(), expected=self._expected)
 
     def setup(self, stage: str | None = None) -> None:
         """Check the cache against the model (every rank), then open the splits the stage needs."""
         model, meta = self._model(), read_meta(self.cache_dir)
-        if model is not None and meta is not None:
-            check_meta(meta, self.expected_meta(model), self.cache_dir, f"{FIELD}.on_mismatch")
+        if model is not None and meta is not None:  # every rank; weights are hashed once per fit
+            expected, self._expected = self._expected or self.expected_meta(model), None
+            check_meta(meta, expected, self.cache_dir, f"{FIELD}.on_mismatch")
         if stage in ("fit", None):
             self._ensure("train")
 

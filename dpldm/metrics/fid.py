@@ -293,6 +293,11 @@ class FID:
         """Statistics of the features of images [N, C, H, W] in [-1, 1] (or an iterable of batches)."""
         return FeatureStats.from_features(features_of(images, self.features, self.batch_size))
 
+    def needs_images(self) -> bool:
+        """Whether :meth:`reference_stats` needs real images from the caller (nothing else is set or cached)."""
+        return (self._reference is None and self.reference is None and self.reference_dir is None
+                and not (self.stats_path is not None and os.path.isfile(self.stats_path)))
+
     def reference_stats(self, images: Tensor | Iterable | None = None) -> FeatureStats:
         """The reference statistics (see the class docstring for their source).
 

@@ -121,3 +121,14 @@ def test_fast_dev_run_skips_the_metrics(tmp_path):
     model, cb = Trainable(), DownstreamAccuracy(num_samples=10)
     L.Trainer(fast_dev_run=True, callbacks=[cb], enable_progress_bar=False, default_root_dir=tmp_path).fit(model, Quadrants())
     assert cb.last is None and model.calls == 0
+
+
+def test_fid_reads_the_real_images_once(monkeypatch):
+    from dpldm.callbacks import evaluation
+
+    calls, real = [], evaluation.real_images
+    monkeypatch.setattr(evaluation, "real_images", lambda *a: calls.append(1) or real(*a))
+    fid = FID(TinyFeatures(), num_samples=100)
+    for step in (1, 2):  # two evaluations: the reference statistics are computed once
+        fid.evaluate(FakeGenerator(), Quadrants(), step=step)
+    assert len(calls) == 1
