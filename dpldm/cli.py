@@ -12,10 +12,12 @@ import warnings
 
 import lightning.pytorch as L
 import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 
+from dpldm.callbacks.checkpoint import ResumableCheckpoint
 from dpldm.loggers import WandbLogger
 
 
@@ -62,6 +64,12 @@ class DPLDMCLI(LightningCLI):
             root = trainer_cfg.get("default_root_dir") or "."
             trainer_cfg["logger"] = [CSVLogger(save_dir=root, name="logs"),
                                      WandbLogger(name=os.path.normpath(root), save_dir=root)]
+        # Checkpoints that `--ckpt_path last` finds (in <root>/checkpoints), unless the config has its own.
+        callbacks = trainer_cfg.get("callbacks") or []
+        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        if trainer_cfg.get("enable_checkpointing") is not False and not any(
+                isinstance(cb, ModelCheckpoint) for cb in callbacks):
+            trainer_cfg["callbacks"] = [*callbacks, ResumableCheckpoint()]
         return super().instantiate_trainer(**kwargs)
 
 

@@ -73,7 +73,8 @@ def run_stage(name: str, config: str, overrides: list[str]) -> StageResult:
     for logger in trainer.loggers:  # one W&B run per stage (W&B would otherwise reuse the open run)
         if isinstance(logger, WandbLogger) and logger._experiment is not None:
             logger.experiment.finish()
-    ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else None
+    cb = trainer.checkpoint_callback
+    ckpt = (cb.best_model_path or cb.last_model_path) if cb else None
     grids = [cb.last_path for cb in trainer.callbacks if isinstance(cb, SampleGrid)]
     result = StageResult(name, seconds, trainer.default_root_dir, ckpt or None, trainer.log_dir,
                          grids[-1] if grids else None)

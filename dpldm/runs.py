@@ -10,8 +10,9 @@ import torch
 import yaml
 
 
-def _latest(pattern: str, what: str, run_dir: str) -> str:
-    found = sorted(glob.glob(pattern), key=os.path.getmtime)
+def _latest(pattern: str | list[str], what: str, run_dir: str) -> str:
+    patterns = [pattern] if isinstance(pattern, str) else pattern
+    found = sorted((f for p in patterns for f in glob.glob(p)), key=os.path.getmtime)
     if not found:
         raise FileNotFoundError(f"no {what} under {run_dir!r} (looked for {pattern!r}); did the run finish?")
     return found[-1]
@@ -29,7 +30,8 @@ def run_config(run_dir: str) -> dict:
 
 def load_weights(model: L.LightningModule, run_dir: str, checkpoint: str | None = None) -> str:
     """Load a checkpoint of the run (default: its newest) into ``model``; returns the file."""
-    checkpoint = checkpoint or _latest(os.path.join(run_dir, "logs", "version_*", "checkpoints", "*.ckpt"),
+    checkpoint = checkpoint or _latest([os.path.join(run_dir, "checkpoints", "*.ckpt"),  # ResumableCheckpoint
+                                        os.path.join(run_dir, "logs", "version_*", "checkpoints", "*.ckpt")],
                                        "checkpoint", run_dir)
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     model.load_state_dict(state["state_dict"])

@@ -71,7 +71,7 @@ def _finetune(out, *extra: str) -> DPLDMCLI:
 def _finished_run(out):
     """The fine-tune run folder, with a checkpoint (fast_dev_run keeps none: one real step then)."""
     run = out / "finetune"
-    if not list(run.glob("logs/version_*/checkpoints/*.ckpt")):
+    if not list(run.glob("checkpoints/*.ckpt")):
         _finetune(out, "--trainer.fast_dev_run=false", "--trainer.max_steps=1", "--trainer.limit_val_batches=0",
                   "--trainer.callbacks=[]")
     return run

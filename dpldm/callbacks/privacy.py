@@ -21,8 +21,9 @@ class PrivacyMonitor(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: object,
                            batch: object, batch_idx: int) -> None:
-        dp = getattr(pl_module, "dp", None)
-        if dp is not None and dp.accountant.steps and trainer.global_step % trainer.log_every_n_steps == 0:
+        dp = getattr(pl_module, "dp", None)  # under DDP every rank accounts the same steps; rank 0 reports
+        if (dp is not None and trainer.is_global_zero and dp.accountant.steps
+                and trainer.global_step % trainer.log_every_n_steps == 0):
             report = dp.report()
             pl_module.log_dict(report, on_step=True, on_epoch=False, batch_size=1)
             pl_module.log("eps", report["privacy/epsilon"], prog_bar=True, logger=False, batch_size=1)
@@ -31,18 +32,18 @@ class PrivacyMonitor(L.Callback):
         dp = getattr(pl_module, "dp", None)
         if dp is None:
             return
+        root = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: called on every rank
+        if not trainer.is_global_zero:
+            return
         self.final = dp.report()
         for logger in trainer.loggers:
             logger.log_metrics(self.final, step=trainer.global_step)
-        if trainer.is_global_zero:
-            root = trainer.log_dir or trainer.default_root_dir
-            os.makedirs(root, exist_ok=True)
-            with open(os.path.join(root, "privacy.json"), "w") as f:
-                json.dump({**self.final, "accountant": dp.settings.accountant,
-                           "max_grad_norm": dp.settings.max_grad_norm, "target_epsilon": dp.settings.epsilon}, f,
-                          indent=2)
-            r = self.final
-            rank_zero_info(f"DP-SGD: epsilon = {r['privacy/epsilon']:.3f} at delta = {r['privacy/delta']:.3g} "
-                           f"({dp.settings.accountant.upper()}), sigma = {r['privacy/noise_multiplier']:.4g}, "
-                           f"q = {r['privacy/sample_rate']:.4g}, steps = {int(r['privacy/steps'])}, "
-                           f"C = {dp.settings.max_grad_norm}")
+        os.makedirs(root, exist_ok=True)
+        with open(os.path.join(root, "privacy.json"), "w") as f:
+            json.dump({**self.final, "accountant": dp.settings.accountant, "max_grad_norm": dp.settings.max_grad_norm,
+                       "target_epsilon": dp.settings.epsilon, "world_size": trainer.world_size}, f, indent=2)
+        r = self.final
+        rank_zero_info(f"DP-SGD: epsilon = {r['privacy/epsilon']:.3f} at delta = {r['privacy/delta']:.3g} "
+                       f"({dp.settings.accountant.upper()}), sigma = {r['privacy/noise_multiplier']:.4g}, "
+                       f"q = {r['privacy/sample_rate']:.4g}, steps = {int(r['privacy/steps'])}, "
+                       f"C = {dp.settings.max_grad_norm}")

@@ -38,10 +38,12 @@ class SampleGrid(L.Callback):
         self.last_path: str | None = None
 
     def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, name: str) -> None:
+        root = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: called on every rank
+        if not trainer.is_global_zero:
+            return
         cond, nrow = grid_conditions(pl_module, self.per_class, self.prompts)
         gen = torch.Generator(pl_module.device).manual_seed(self.seed)
         images = pl_module.sample(cond, self.guidance_scale, self.num_steps, generator=gen)
-        root = trainer.log_dir or trainer.default_root_dir
         self.last_path = save_grid(images, os.path.join(root, "samples", f"{name}.png"), nrow)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
@@ -49,9 +51,8 @@ class SampleGrid(L.Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch + 1
-        if self.every_n_epochs and epoch % self.every_n_epochs == 0 and trainer.is_global_zero:
+        if self.every_n_epochs and epoch % self.every_n_epochs == 0:
             self._write(trainer, pl_module, f"epoch{epoch:04d}")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.is_global_zero:
-            self._write(trainer, pl_module, "final")
+        self._write(trainer, pl_module, "final")

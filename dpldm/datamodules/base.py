@@ -76,6 +76,8 @@ class ImageDataModule(pl.LightningDataModule):
     image_size: int = 0
     # Set by a DP model before training (dpldm.privacy): Poisson-sample the training set with this seed.
     poisson_seed: Optional[int] = None
+    poisson_shard: tuple[int, int] = (0, 1)  # (rank, world size): under DDP each rank samples its shard
+    poisson_secure: bool = False  # secure_mode: inclusion bits from the OS's secure generator
 
     def __init__(self, batch_size: int = 64, num_workers: int = 0, seed: int = 0):
         super().__init__()
@@ -154,7 +156,9 @@ class ImageDataModule(pl.LightningDataModule):
         if self.poisson_seed is not None:
             from dpldm.privacy.sampling import poisson_loader
 
-            return poisson_loader(self._ensure("train"), self.batch_size, self.poisson_seed, self.num_workers)
+            rank, world_size = self.poisson_shard
+            return poisson_loader(self._ensure("train"), self.batch_size, self.poisson_seed, self.num_workers,
+                                  rank=rank, world_size=world_size, secure=self.poisson_secure)
         return self._loader(self._ensure("train"), shuffle=True)
 
     def val_dataloader(self) -> DataLoader:

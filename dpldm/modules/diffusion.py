@@ -16,7 +16,9 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 
 from dpldm.errors import ConfigError
 from dpldm.modules.autoencoder import FrozenAutoencoder
@@ -126,7 +128,11 @@ class LatentDiffusion(L.LightningModule):
         trainer = self.trainer
         check_trainer(trainer)
         p = plan(self.privacy, dm.num_train_samples, dm.batch_size, trainer.max_steps, trainer.max_epochs)
-        self.dp = DPSGDEngine(self.privacy, p, self.trained_modules, start_step=trainer.global_step)
+        self.dp = DPSGDEngine(self.privacy, p, self.trained_modules, start_step=trainer.global_step,
+                              rank=trainer.global_rank)
+        # Under DDP each rank Poisson-samples its own shard at the global q (dpldm.privacy.sampling).
+        dm.poisson_shard = (trainer.global_rank, trainer.world_size)
+        dm.poisson_secure = self.privacy.secure_mode
         dm.poisson_seed = self.dp.sampler_seed(trainer.global_step)
 
     def on_fit_start(self) -> None:
@@ -187,11 +193,25 @@ class LatentDiffusion(L.LightningModule):
         if self.dp.exhausted():  # one more step would exceed the target epsilon
             self.trainer.should_stop = True
             return None
-        total, n = self.dp.step(batch, self.per_example_loss, self.optimizers(), self.noise_draws,
-                                backward=self.manual_backward)
+        with self._without_ddp_sync():  # the engine sums the clipped gradients over ranks, noise once
+            total, n = self.dp.step(batch, self.per_example_loss, self.optimizers(), self.noise_draws,
+                                    backward=self.manual_backward)
         if self.privacy.log_private_metrics and n:
             self.log("train/loss", total / n, prog_bar=True, batch_size=n)
         return None
+
+    def _without_ddp_sync(self) -> contextlib.AbstractContextManager:
+        """DDP's own gradient all-reduce off: it would average unclipped gradients (and wait for weight
+        gradients that the fast clipping never makes)."""
+        wrapper = self.trainer.strategy.model
+        return wrapper.no_sync() if isinstance(wrapper, DistributedDataParallel) else contextlib.nullcontext()
+
+    def on_train_end(self) -> None:
+        if self.dp is not None and self.dp.nonfinite_examples:
+            # How many private examples had a non-finite gradient is itself not DP: shown here, not logged.
+            rank_zero_warn(f"{self.dp.nonfinite_examples} per-example gradient(s) were not finite and were zeroed "
+                           "before clipping (still DP; this count is not private and is not logged). Lower the "
+                           "learning rate or use 32-true precision if it keeps happening.")
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         if self.dp is not None and not self.privacy.log_private_metrics:

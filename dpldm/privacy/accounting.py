@@ -34,15 +34,22 @@ def calibrate_noise(epsilon: float, delta: float, sample_rate: float, steps: int
 
 def max_steps_within(epsilon: float, noise_multiplier: float, sample_rate: float, delta: float,
                      accountant: AccountantKind = "prv", limit: int = 10_000_000) -> int:
-    """Largest T with epsilon(sigma, q, T, delta) <= epsilon (0 if not even one step fits)."""
+    """Largest T <= ``limit`` with epsilon(sigma, q, T, delta) <= epsilon (0 if not even one step fits).
+
+    Pass the planned number of steps as ``limit``: accounting millions of steps (a generous epsilon at a
+    large sigma) is slow and memory-hungry, and no run takes more steps than it plans.
+    """
     def fits(t: int) -> bool:
         return epsilon_for(noise_multiplier, sample_rate, t, delta, accountant) <= epsilon
 
     if noise_multiplier == 0 or not fits(1):
         return 0
+    if fits(limit):
+        return limit
     lo, hi = 1, 2
     while hi < limit and fits(hi):
         lo, hi = hi, hi * 2
+    hi = min(hi, limit)
     while hi - lo > 1:  # invariant: fits(lo), not fits(hi)
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from dpldm.errors import ConfigError
 
 LinearNorms = Literal["auto", "ghost", "instantiate"]
-Clipped = Callable[[Tensor], dict[nn.Parameter, Tensor]]  # clip factors [n] -> clipped sum per parameter
+Clipped = Callable[[Tensor, Tensor | None], dict[nn.Parameter, Tensor]]  # (clip factors [n], kept [n]) -> sums
 
 
 def _fold(x: Tensor, n: int) -> Tensor:
@@ -49,6 +49,11 @@ def _is_pointwise_conv(m: nn.Module) -> bool:
 def _tokens(m: nn.Module, x: Tensor) -> Tensor:
     """A Linear-like layer's input or output gradient as tokens [R, *, d]."""
     return x.flatten(2).transpose(1, 2) if isinstance(m, nn.Conv2d) else x  # [R, C, H, W] -> [R, H W, C]
+
+
+def _zero_rows(x: Tensor, keep: Tensor) -> Tensor:
+    """Rows of ``x`` [n, ...] where ``keep`` [n] is False set to 0 (``where``, so NaN and inf go too)."""
+    return torch.where(keep.view(-1, *([1] * (x.dim() - 1))), x, 0.0)
 
 
 def _fold_samples(gs: Tensor, n: int) -> Tensor:
@@ -119,9 +124,10 @@ class BookKeepingClipper:
         if bias:
             sq = sq + g.sum(1).pow(2).sum(1)
 
-        def clipped(c: Tensor) -> dict[nn.Parameter, Tensor]:  # book-keeping: (c g)^T a, one matmul
-            cg = g * c[:, None, None]
-            out = {m.weight: (cg.reshape(-1, d_out).T @ a.reshape(-1, d_in)).view_as(m.weight)} if weight else {}
+        def clipped(c: Tensor, keep: Tensor | None) -> dict[nn.Parameter, Tensor]:  # book-keeping: (c g)^T a
+            cg, aa = (g, a) if keep is None else (_zero_rows(g, keep), _zero_rows(a, keep))
+            cg = cg * c[:, None, None]
+            out = {m.weight: (cg.reshape(-1, d_out).T @ aa.reshape(-1, d_in)).view_as(m.weight)} if weight else {}
             if bias:
                 out[m.bias] = cg.sum((0, 1))
             return out
@@ -139,23 +145,29 @@ class BookKeepingClipper:
         samples = {p: _fold_samples(gs, n) for p, gs in samples.items() if id(p) in self._trained}
         sq = sum((gs.reshape(n, -1).pow(2).sum(1) for gs in samples.values()), torch.zeros(n, device=self.grads[m].device))
 
-        def clipped(c: Tensor) -> dict[nn.Parameter, Tensor]:
-            return {p: torch.einsum("n,n...->...", c, gs) for p, gs in samples.items()}
+        def clipped(c: Tensor, keep: Tensor | None) -> dict[nn.Parameter, Tensor]:
+            return {p: torch.einsum("n,n...->...", c, gs if keep is None else _zero_rows(gs, keep))
+                    for p, gs in samples.items()}
 
         return sq, clipped
 
-    def accumulate(self, num_examples: int, max_grad_norm: float) -> None:
+    def accumulate(self, num_examples: int, max_grad_norm: float) -> int:
         """After the backward of one micro-batch: clip each example's whole gradient, add the sum to
-        ``p.summed_grad``, forget the captured tensors."""
+        ``p.summed_grad``, forget the captured tensors. An example whose gradient is not finite (its norm
+        is inf or NaN) is zeroed instead; returns how many were."""
         parts = [self._linear(m, num_examples) if isinstance(m, nn.Linear) or _is_pointwise_conv(m)
                  else self._sampled(m, num_examples) for m in self.layers if m in self.grads]
         norms = torch.stack([sq for sq, _ in parts]).sum(0).sqrt()  # [n]: over all trained parameters
-        factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        finite = torch.isfinite(norms)
+        bad = int((~finite).sum())
+        keep = finite if bad else None
+        factor = torch.where(finite, max_grad_norm / (norms + 1e-6), 0.0).clamp(max=1.0)
         for _, clipped in parts:
-            for p, s in clipped(factor).items():
+            for p, s in clipped(factor, keep).items():
                 p.summed_grad = s if getattr(p, "summed_grad", None) is None else p.summed_grad + s
         self.inputs.clear()
         self.grads.clear()
+        return bad
 
     def remove(self) -> None:
         for h in self._handles:

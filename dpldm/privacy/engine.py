@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from dpldm.errors import ConfigError
 from dpldm.privacy.accounting import PrivacyAccountant, calibrate_noise, max_steps_within
 from dpldm.privacy.clipping import BookKeepingClipper, SummedGradDPOptimizer
+from dpldm.privacy.distributed import GlobalBatchNoise
 from dpldm.privacy.settings import DifferentialPrivacy, PrivacyPlan
 
 # Opacus's backward hooks on the first trained layer, whose inputs need no gradient: expected, harmless.
@@ -50,6 +51,29 @@ def micro_batches(batch: dict, size: int) -> Iterator[dict]:
     n = len(next(iter(batch.values())))
     for start in range(0, n, size):
         yield {k: v[start:start + size] for k, v in batch.items()}
+
+
+class NoisyDPOptimizer(GlobalBatchNoise, DPOptimizer):
+    """Opacus's DPOptimizer (per-example gradients from hooks), noise once for the global batch under DDP."""
+
+
+class NoisySummedGradDPOptimizer(GlobalBatchNoise, SummedGradDPOptimizer):
+    """The book-keeping clipped sum's optimizer, noise once for the global batch under DDP."""
+
+
+def zero_nonfinite_samples(params: Sequence[nn.Parameter], num_examples: int) -> int:
+    """Zero the per-example gradients of examples with a non-finite entry in any trained parameter.
+
+    A zeroed example contributes nothing (as if clipped to norm 0): a function of that example alone,
+    so the step stays DP. Returns how many were zeroed.
+    """
+    bad = torch.zeros(num_examples, dtype=torch.bool, device=params[0].device)
+    for p in params:
+        bad |= ~torch.isfinite(p.grad_sample.reshape(num_examples, -1)).all(1)
+    if bad.any():
+        for p in params:
+            p.grad_sample[bad] = 0
+    return int(bad.sum())
 
 
 def fold_noise_draws(params: Sequence[nn.Parameter], num_examples: int, noise_draws: int) -> None:
@@ -76,20 +100,22 @@ class DPSGDEngine:
         plan: N, q, delta and the planned number of steps.
         trained: top modules whose parameters are trained (from the trainable scope).
         start_step: optimizer steps already taken (non-zero when resuming), to derive fresh seeds.
+        rank: this process's global rank under DDP (each rank samples its own shard, own stream).
     """
 
     def __init__(self, settings: DifferentialPrivacy, plan: PrivacyPlan, trained: Sequence[nn.Module],
-                 start_step: int = 0):
-        self.settings, self.plan = settings, plan
+                 start_step: int = 0, rank: int = 0):
+        self.settings, self.plan, self.rank = settings, plan, rank
+        self.nonfinite_examples = 0  # examples whose gradient was not finite, zeroed (a private count: not logged)
         self.params = [p for m in trained for p in m.parameters() if p.requires_grad]
         if settings.noise_multiplier is not None:
             self.noise_multiplier = float(settings.noise_multiplier)
         else:
             self.noise_multiplier = calibrate_noise(settings.epsilon, plan.delta, plan.sample_rate,
                                                     plan.planned_steps, settings.accountant)
-        # Steps the budget allows: training stops before a step would exceed the target epsilon.
+        # Steps the budget allows (up to the planned ones): training stops before a step would exceed epsilon.
         self.budget_steps = (max_steps_within(settings.epsilon, self.noise_multiplier, plan.sample_rate,
-                                              plan.delta, settings.accountant)
+                                              plan.delta, settings.accountant, limit=max(plan.planned_steps, 1))
                              if settings.epsilon is not None else None)
         self.accountant = PrivacyAccountant(settings.accountant, plan.delta)
         self.seed = settings.seed if settings.seed is not None else fresh_seed()
@@ -106,7 +132,8 @@ class DPSGDEngine:
         self.noise_generator.manual_seed(derive_seed(self.seed, step, 1))
 
     def sampler_seed(self, step: int) -> int:
-        return derive_seed(self.seed, step, 2)
+        """Seed of this rank's Poisson sampler from ``step`` on: independent across ranks and resumptions."""
+        return derive_seed(self.seed, step, 2, self.rank)
 
     def wrap(self, optimizer: torch.optim.Optimizer) -> DPOptimizer:
         """The optimizer that clips, noises and divides by B before its step."""
@@ -119,11 +146,11 @@ class DPSGDEngine:
             gen = torch.Generator(device)
             gen.manual_seed(int(self.noise_generator.initial_seed()))
             self.noise_generator = gen
-        kind = DPOptimizer if self.clipper is None else SummedGradDPOptimizer
+        kind = NoisyDPOptimizer if self.clipper is None else NoisySummedGradDPOptimizer
         return kind(optimizer, noise_multiplier=self.noise_multiplier,
                            max_grad_norm=self.settings.max_grad_norm,
                            expected_batch_size=self.plan.expected_batch_size, loss_reduction="mean",
-                           generator=None if self.settings.secure_mode else self.noise_generator,
+                           generator=self.noise_generator,
                            secure_mode=self.settings.secure_mode)
 
     def step(self, batch: dict, per_example_loss: Callable[[dict], Tensor], optimizer: torch.optim.Optimizer,
@@ -155,6 +182,7 @@ class DPSGDEngine:
             loss = per_example_loss(chunk)  # [b]
             backward(loss.sum())
             fold_noise_draws(self.params, len(loss), noise_draws)
+            self.nonfinite_examples += zero_nonfinite_samples(self.params, len(loss))
             total += float(loss.detach().sum())
             if i < len(chunks) - 1:  # clip and accumulate this micro-batch; no noise, no update yet
                 dp_optimizer.signal_skip_step(True)
@@ -162,6 +190,7 @@ class DPSGDEngine:
                 dp_optimizer.zero_grad(set_to_none=True)
         if not chunks:
             self.empty_batch()
+        self.before_noise()
         optimizer.step()  # clip the last micro-batch, add N(0, sigma^2 C^2) once, divide by B, step
         optimizer.zero_grad(set_to_none=True)
         self.step_taken()
@@ -176,10 +205,11 @@ class DPSGDEngine:
             for chunk in chunks:
                 loss = per_example_loss(chunk)  # [b]
                 backward(loss.sum())
-                self.clipper.accumulate(len(loss), self.settings.max_grad_norm)
+                self.nonfinite_examples += self.clipper.accumulate(len(loss), self.settings.max_grad_norm)
                 total += float(loss.detach().sum())
         finally:
             self.clipper.end()
+        self.before_noise()
         optimizer.step()  # add N(0, sigma^2 C^2) once to the clipped sum, divide by B, step
         optimizer.zero_grad(set_to_none=True)
         self.step_taken()
@@ -193,6 +223,11 @@ class DPSGDEngine:
         """A Poisson batch can be empty: the step is then pure noise (zero per-example gradients)."""
         for p in self.params:
             p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
+
+    def before_noise(self) -> None:
+        """secure_mode: a fresh 64-bit seed from the OS for this step's noise."""
+        if self.settings.secure_mode:
+            self.noise_generator.manual_seed(fresh_seed())
 
     def step_taken(self) -> None:
         self.accountant.add(self.noise_multiplier, self.plan.sample_rate)

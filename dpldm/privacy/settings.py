@@ -25,7 +25,9 @@ class DifferentialPrivacy:
         accountant: ``prv`` (default) or ``rdp``.
         max_physical_batch_size: examples per forward/backward; a logical (Poisson) batch is split into
             physical micro-batches of at most this size, clipped per example, and stepped once.
-        secure_mode: Opacus's noise generation robust to floating-point attacks (slower).
+        secure_mode: Opacus's Gaussian noise robust to floating-point attacks (Holohan & Braghin, 2021; slower),
+            from a generator re-seeded with 64 bits of OS entropy at every step, and Poisson sampling from the
+            OS's cryptographically secure generator. Excludes ``seed``.
         seed: seed of the Poisson sampler and of the noise; ``None`` draws one from the OS (recommended:
             a seeded run replays the same noise if its seed leaks).
         log_private_metrics: log the training/validation loss of private batches. Off by default: those
@@ -61,6 +63,9 @@ def check_settings(dp: DifferentialPrivacy) -> None:
         raise ConfigError(f"{FIELD}.accountant", dp.accountant, "must be 'prv' or 'rdp'")
     if dp.clipping not in ("fast", "ghost", "hooks"):
         raise ConfigError(f"{FIELD}.clipping", dp.clipping, "must be 'fast', 'ghost' or 'hooks'")
+    if dp.secure_mode and dp.seed is not None:
+        raise ConfigError(f"{FIELD}.seed", dp.seed, "must be null with secure_mode: a seed makes the noise and the "
+                          "sampling reproducible by whoever learns it")
     if dp.max_physical_batch_size < 1:
         raise ConfigError(f"{FIELD}.max_physical_batch_size", dp.max_physical_batch_size, "must be >= 1")
 
@@ -108,6 +113,12 @@ def plan(dp: DifferentialPrivacy, num_samples: int, expected_batch_size: int, ma
     return PrivacyPlan(num_samples, expected_batch_size, q, delta, steps)
 
 
+def _is_ddp(strategy: object) -> bool:
+    from lightning.pytorch.strategies import DDPStrategy
+
+    return isinstance(strategy, DDPStrategy)
+
+
 def check_trainer(trainer: object) -> None:
     """Trainer settings that would break DP-SGD's accounting."""
     if getattr(trainer, "accumulate_grad_batches", 1) != 1:
@@ -118,10 +129,10 @@ def check_trainer(trainer: object) -> None:
     if connector is not None and connector.use_distributed_sampler:
         raise ConfigError("trainer.use_distributed_sampler", True,
                           "must be false for DP stages: Lightning would replace the Poisson sampler")
-    if getattr(trainer, "world_size", 1) > 1:
-        raise ConfigError("trainer.devices", trainer.world_size,
-                          "DP fine-tuning runs on one device for now: under DDP each rank would add its own "
-                          "noise (multi-GPU DP, with noise added once for the global batch, is planned)")
+    if getattr(trainer, "world_size", 1) > 1 and not _is_ddp(getattr(trainer, "strategy", None)):
+        raise ConfigError("trainer.strategy", type(trainer.strategy).__name__,
+                          "DP on several devices needs Lightning's DDP strategy (ddp, ddp_spawn, ddp_notebook): "
+                          "dpldm sums the clipped gradients over ranks and adds the noise once")
     if str(getattr(trainer, "precision", "32-true")).startswith("16"):
         raise ConfigError("trainer.precision", trainer.precision,
                           "fp16 loss scaling does not compose with per-example clipping; use 32-true or bf16-mixed")

@@ -16,6 +16,13 @@ def test_max_steps_within_is_the_boundary():
     sigma, q, delta = 1.0, 0.05, 1e-5
     t = max_steps_within(5.0, sigma, q, delta, "rdp")
     assert epsilon_for(sigma, q, t, delta, "rdp") <= 5.0 < epsilon_for(sigma, q, t + 1, delta, "rdp")
+    assert max_steps_within(5.0, sigma, q, delta, "rdp", limit=t + 1) == t
+    assert max_steps_within(5.0, sigma, q, delta, "rdp", limit=t - 3) == t - 3  # capped at the planned steps
+
+
+def test_a_generous_budget_is_not_accounted_to_millions_of_steps():
+    # (uncapped, this searched up to millions of steps: minutes and over 10 GB for the PRV accountant)
+    assert max_steps_within(50.0, 2.0, 0.0124, 1e-4, "prv", limit=100) == 100
 
 
 def test_accountant_merges_history_and_round_trips():

@@ -57,9 +57,9 @@ def test_planned_steps_from_max_steps_or_epochs():
 
 
 class _Trainer:
-    def __init__(self, accumulate=1, distributed=False, clip=None, world_size=1, precision="32-true"):
+    def __init__(self, accumulate=1, distributed=False, clip=None, world_size=1, precision="32-true", strategy=None):
         self.accumulate_grad_batches, self.gradient_clip_val, self.world_size = accumulate, clip, world_size
-        self.precision = precision
+        self.precision, self.strategy = precision, strategy
         self._accelerator_connector = type("C", (), {"use_distributed_sampler": distributed})()
 
 
@@ -67,7 +67,7 @@ class _Trainer:
     (_Trainer(accumulate=4), "trainer.accumulate_grad_batches"),
     (_Trainer(distributed=True), "trainer.use_distributed_sampler"),
     (_Trainer(clip=1.0), "trainer.gradient_clip_val"),
-    (_Trainer(world_size=2), "trainer.devices"),
+    (_Trainer(world_size=2, strategy=object()), "trainer.strategy.*DDP"),
     (_Trainer(precision="16-mixed"), "trainer.precision"),
 ])
 def test_trainer_settings_that_break_dp(trainer, field):
@@ -76,8 +76,17 @@ def test_trainer_settings_that_break_dp(trainer, field):
 
 
 def test_plain_trainer_settings_pass():
+    from lightning.pytorch.strategies import DDPStrategy
+
     check_trainer(_Trainer())
     check_trainer(_Trainer(precision="bf16-mixed"))
+    check_trainer(_Trainer(world_size=2, strategy=DDPStrategy()))  # noise once for the global batch
+
+
+def test_secure_mode_excludes_a_seed():
+    with pytest.raises(ConfigError, match="privacy.init_args.seed.*secure_mode"):
+        DifferentialPrivacy(secure_mode=True, seed=0)
+    assert DifferentialPrivacy(secure_mode=True).seed is None
 
 
 def test_iterable_dataset_is_rejected():
