@@ -49,11 +49,16 @@ def load_run(run_dir: str, checkpoint: str | None = None) -> L.LightningModule:
     Returns:
         The model in eval mode, on the CPU (EMA state restored when the run kept one).
     """
+    return load_run_and_data(run_dir, checkpoint)[0]
+
+
+def load_run_and_data(run_dir: str, checkpoint: str | None = None) -> tuple[L.LightningModule, L.LightningDataModule, str]:
+    """:func:`load_run`, plus the run's DataModule (not set up) and the checkpoint file that was loaded."""
     from dpldm.cli import DPLDMCLI
 
     cfg = run_config(run_dir)
     cfg["trainer"]["logger"] = False
     cfg["trainer"]["callbacks"] = []
-    model = DPLDMCLI(args=cfg, run=False).model
-    load_weights(model, run_dir, checkpoint)
-    return model.eval()
+    cli = DPLDMCLI(args=cfg, run=False)
+    path = load_weights(cli.model, run_dir, checkpoint)
+    return cli.model.eval(), cli.datamodule, path
