@@ -4,6 +4,7 @@
 from dpldm.datamodules.base import ImageDataModule, TensorImageDataset
 from dpldm.datamodules.cifar10 import CIFAR10DataModule
 from dpldm.datamodules.digits import DigitsDataModule
+from dpldm.datamodules.fashion_mnist import FashionMNISTDataModule
 from dpldm.datamodules.glyphs import GlyphDataset, GlyphsDataModule
 from dpldm.datamodules.imagenet32 import ImageNet32DataModule
 from dpldm.datamodules.laion import LaionDataModule, WebImageTextDataset
@@ -12,6 +13,7 @@ from dpldm.datamodules.latent_cache import LatentCacheDataModule, LatentCacheDat
 __all__ = [
     "CIFAR10DataModule",
     "DigitsDataModule",
+    "FashionMNISTDataModule",
     "GlyphDataset",
     "GlyphsDataModule",
     "ImageDataModule",
