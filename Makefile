@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: install quickstart test bench clean
+.PHONY: install quickstart test experiment bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,12 @@ install: $(STAMP)
 
 quickstart: $(STAMP)
 	$(BIN)/dpldm quickstart
+
+# The paper's central comparison on real data (docs/results.md): SIZE=digits (bundled) or SIZE=fashion.
+SIZE ?= digits
+experiment: $(STAMP)
+	test "$(SIZE)" != fashion || test -d /usr/share/datasets/fashion-mnist || apt-get install -y dataset-fashion-mnist
+	$(BIN)/dpldm experiment --size $(SIZE)
 
 test: $(STAMP)
 	WANDB_MODE=disabled $(BIN)/python -m pytest -q tests

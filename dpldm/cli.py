@@ -93,7 +93,8 @@ def cache(argv: list[str]) -> dict:
 
 # dpldm's own subcommands besides LightningCLI's fit/validate/test/predict: name -> module with main(argv).
 SUBCOMMANDS = {"quickstart": "dpldm.quickstart", "sample": "dpldm.sample", "evaluate": "dpldm.evaluate",
-               "privacy": "dpldm.privacy.calculator"}
+               "privacy": "dpldm.privacy.calculator",
+               "experiment": "dpldm.experiment", "sweep": "dpldm.sweep"}
 
 
 def main(argv: list[str] | None = None) -> None:

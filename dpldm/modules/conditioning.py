@@ -75,7 +75,7 @@ class ClassEmbedder(Conditioner):
         super().__init__()
         self.num_classes, self.embed_dim, self.num_tokens = num_classes, embed_dim, num_tokens
         self.embedding = nn.Embedding(num_classes + 1, embed_dim * num_tokens)  # last row: null class
-        if init_from is not None:
+        if init_from is not None and init_from.lower() not in ("none", "null", ""):  # (`null` on the CLI: "None")
             self._init_from(init_from, init_classes or list(range(num_classes)))
 
     def _init_from(self, path: str, classes: list[int]) -> None:

@@ -59,13 +59,18 @@ def build_unet(
     )
 
 
-def load_unet(path: str, subfolder: str | None = None) -> UNet2DConditionModel:
+def load_unet(path: str, subfolder: str | None = None, weights: bool = True) -> UNet2DConditionModel:
     """A pretrained UNet from a local diffusers directory or a hub id.
 
     Args:
         path: directory (e.g. ``runs/quickstart/ldm/pretrained``) or hub id.
         subfolder: subfolder inside ``path`` (``unet`` for a pipeline repo).
+        weights: ``False``: the same architecture with fresh random weights (training from scratch).
     """
+    if not weights:
+        config = load_pretrained(UNet2DConditionModel.load_config, path, "model.init_args.unet.init_args.path",
+                                 "UNet config", subfolder or None)
+        return UNet2DConditionModel.from_config(config)
     return load_pretrained(
         UNet2DConditionModel.from_pretrained, path, "model.init_args.unet.init_args.path", "UNet",
         subfolder or None,
