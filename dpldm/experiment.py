@@ -74,6 +74,12 @@ def run_one(size: str, method: str, epsilon: float | None, seed: int, args: argp
     return row
 
 
+def _save(record: dict, path: str) -> None:
+    with open(path + ".part", "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(path + ".part", path)
+
+
 def finetune_settings(configs: str) -> dict:
     """The shared settings of every run, as written in ``finetune.yaml``."""
     import yaml
@@ -101,6 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--doc", default="docs/results.md", help="the report rendered from all result files")
     p.add_argument("--override", action="append", default=[], metavar="ARG",
                    help="extra `dpldm fit` argument for every run, e.g. --override=--trainer.max_steps=50")
+    p.add_argument("--fresh", action="store_true", help="start over instead of resuming the size's result file")
     p.add_argument("--report-only", action="store_true", help="re-render the report from existing results")
     args = p.parse_args(argv)
     from dpldm.experiment_report import render
@@ -111,27 +118,33 @@ def main(argv: list[str] | None = None) -> dict:
         if not os.path.isdir(os.path.join(args.public, stage, "pretrained")):
             run_stage(stage, os.path.join(args.configs, f"{stage}.yaml"), stage_overrides(args.public, {})[stage])
     seeds = args.seeds or (2 if args.size == "digits" else 1)
-    rows, start = [], time.perf_counter()
+    path = os.path.join(args.results, f"{args.size}.json")
+    record = {"size": args.size, "label": SIZES[args.size]["label"], "rows": [], "real_data_classifier": None,
+              "budget": SIZES[args.size]["budget"] + args.override, "settings": finetune_settings(args.configs),
+              "minutes": 0.0, "command": f"dpldm experiment --size {args.size}"}
+    if os.path.exists(path) and not args.fresh:  # resume: keep the runs already done with the same settings
+        with open(path) as f:
+            old = json.load(f)
+        if old.get("budget") == record["budget"] and old.get("settings") == record["settings"]:
+            record = old
+    done = {(r["method"], r["epsilon"], r["seed"]) for r in record["rows"]}
     plan = [(m, e, s) for m in args.methods for e in ([None] if m == "nonprivate" else args.epsilons)
-            for s in range(seeds if m != "nonprivate" else 1)]
+            for s in range(seeds if m != "nonprivate" else 1) if (m, e, s) not in done]
+    os.makedirs(args.results, exist_ok=True)
     for i, (method, epsilon, seed) in enumerate(plan, 1):
         print(f"\n=== experiment {args.size} {i}/{len(plan)}: {method}, epsilon {epsilon}, seed {seed}", flush=True)
-        rows.append(run_one(args.size, method, epsilon, seed, args))
-    ceiling = None
-    if rows:
-        from dpldm.cli import DPLDMCLI  # the real-data classifier: a reference, not private
+        start = time.perf_counter()
+        record["rows"].append(run_one(args.size, method, epsilon, seed, args))
+        record["minutes"] = round(record["minutes"] + (time.perf_counter() - start) / 60, 1)
+        _save(record, path)  # after every run: an interrupted experiment resumes where it stopped
+    if record["real_data_classifier"] is None:
         from dpldm.callbacks.evaluation import DownstreamAccuracy
+        from dpldm.cli import DPLDMCLI  # the real-data classifier: a reference, not private
 
         cli = DPLDMCLI(args=["--config", os.path.join(args.configs, "finetune.yaml"), "--trainer.logger=false",
                              f"--data.init_args.source={json.dumps({'class_path': SIZES[args.size]['source']})}",
                              *stage_overrides(args.public, {})["finetune"][2:]], run=False)
         metric = next(cb for cb in cli.trainer.callbacks if isinstance(cb, DownstreamAccuracy))
-        ceiling = real_data_ceiling(cli.datamodule, metric)
-    record = {"size": args.size, "label": SIZES[args.size]["label"], "rows": rows, "real_data_classifier": ceiling,
-              "budget": SIZES[args.size]["budget"] + args.override, "settings": finetune_settings(args.configs),
-              "minutes": round((time.perf_counter() - start) / 60, 1),
-              "command": f"dpldm experiment --size {args.size}"}
-    os.makedirs(args.results, exist_ok=True)
-    with open(os.path.join(args.results, f"{args.size}.json"), "w") as f:
-        json.dump(record, f, indent=1)
+        record["real_data_classifier"] = real_data_ceiling(cli.datamodule, metric)
+        _save(record, path)
     return render(args.results, args.doc)
