@@ -1,6 +1,7 @@
 """The ``dpldm`` command: a LightningCLI (``fit/validate/test/predict`` from YAML configs with
 ``class_path``/``init_args``), plus ``dpldm quickstart``, ``dpldm cache`` (latent cache),
-``dpldm sample``, ``dpldm evaluate`` and the ``dpldm privacy`` calculator.
+``dpldm sample``, ``dpldm evaluate``, the ``dpldm privacy`` calculator, ``dpldm audit`` (empirical
+privacy audit), ``dpldm sweep`` (a W&B sweep file, run locally) and ``dpldm experiment``.
 """
 
 from __future__ import annotations
