@@ -97,3 +97,14 @@ def imagenet_root(tmp_path):
         np.savez(tmp_path / f"train_data_batch_{i}.npz", data=asymmetric_images(5, 10 * i), labels=labels)
     np.savez(tmp_path / "val_data.npz", data=asymmetric_images(4), labels=np.array([1, 2, 3, 1000]))
     return tmp_path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny models: they run fastest so, and two processes with two OpenMP
+    threads each on a 2-core machine ran ~40x slower (use with ``pytestmark = pytest.mark.usefixtures``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+

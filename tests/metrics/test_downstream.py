@@ -28,13 +28,7 @@ def quadrants(n: int, seed: int, size: int = 16, channels: int = 1) -> tuple[tor
     return images.clamp(-1, 1), labels
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tiny CNNs run fastest on one thread (and do not fight other processes for cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
