@@ -128,8 +128,10 @@ def main(argv: list[str] | None = None) -> dict:
         if old.get("budget") == record["budget"] and old.get("settings") == record["settings"]:
             record = old
     done = {(r["method"], r["epsilon"], r["seed"]) for r in record["rows"]}
-    plan = [(m, e, s) for m in args.methods for e in ([None] if m == "nonprivate" else args.epsilons)
-            for s in range(seeds if m != "nonprivate" else 1) if (m, e, s) not in done]
+    # Seed-major: every method and epsilon once before the second seed (an interrupted run is still a comparison).
+    plan = [(m, e, s) for s in range(seeds) for m in args.methods
+            for e in ([None] if m == "nonprivate" else args.epsilons)
+            if (m, e, s) not in done and not (m == "nonprivate" and s > 0)]
     os.makedirs(args.results, exist_ok=True)
     for i, (method, epsilon, seed) in enumerate(plan, 1):
         print(f"\n=== experiment {args.size} {i}/{len(plan)}: {method}, epsilon {epsilon}, seed {seed}", flush=True)
