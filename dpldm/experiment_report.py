@@ -81,8 +81,11 @@ def section(record: dict, image: str) -> list[str]:
     rows = [r for r in record["rows"] if r.get("steps")]
     s = record["settings"]
     sigmas = {r["epsilon"]: r["noise_multiplier"] for r in rows}
-    lines = [f"## {record['label']}", "", f"`{record['command']}` ({record['minutes']} min on this machine's CPU).", "",
-             f"![results]({image})", ""]
+    counts = {}
+    for r in record["rows"]:
+        counts[r["method"]] = counts.get(r["method"], 0) + 1
+    lines = [f"## {record['label']}", "", f"`{record['command']}` ({record['minutes']} min on this machine's CPU; "
+             "runs: " + ", ".join(f"{m} {n}" for m, n in counts.items()) + ").", "", f"![results]({image})", ""]
     for key, (name, better) in METRICS.items():
         lines += [f"**{name}** ({better}; mean ± sd over seeds):", "", *table(record, key), ""]
     if record.get("real_data_classifier"):
