@@ -66,7 +66,7 @@ def run_one(size: str, method: str, epsilon: float | None, seed: int, args: argp
                  "--trainer.logger=false", *method_overrides(method), *args.override]
     if epsilon is not None:
         overrides += [f"{PRIVACY}.epsilon={epsilon}", f"{PRIVACY}.seed={seed}"]
-    result = run_stage(name, os.path.join(args.configs, "finetune.yaml"), overrides)
+    result = run_stage(name, os.path.join(args.configs, "finetune.yaml"), overrides, ceiling=False)  # once, at the end
     row = {"method": method, "epsilon": epsilon, "seed": seed, "seconds": round(result.seconds, 1),
            "trained_fraction": result.trained_fraction, **(result.metrics or {})}
     if result.privacy:  # what was spent: epsilon_spent, delta, noise_multiplier, sample_rate, steps
@@ -91,6 +91,19 @@ def finetune_settings(configs: str) -> dict:
             "batch_size": cfg["data"]["init_args"]["batch_size"],
             "metrics": [c.get("init_args", {}) | {"class": c["class_path"].rsplit(".", 1)[1]}
                         for c in cfg["trainer"]["callbacks"] if "Grid" not in c["class_path"]]}
+
+
+def real_data_classifier(size: str, args: argparse.Namespace) -> float:
+    """The downstream CNN trained on the real private training images: a reference, not private."""
+    from dpldm.callbacks.evaluation import DownstreamAccuracy
+    from dpldm.cli import DPLDMCLI
+
+    source = json.dumps({"class_path": SIZES[size]["source"], "init_args": SIZES[size]["source_args"]})
+    cli = DPLDMCLI(args=["--config", os.path.join(args.configs, "finetune.yaml"), "--trainer.logger=false",
+                         f"--data.init_args.source={source}", *stage_overrides(args.public, {})["finetune"][2:]],
+                   run=False)
+    metric = next(cb for cb in cli.trainer.callbacks if isinstance(cb, DownstreamAccuracy))
+    return real_data_ceiling(cli.datamodule, metric)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -140,13 +153,6 @@ def main(argv: list[str] | None = None) -> dict:
         record["minutes"] = round(record["minutes"] + (time.perf_counter() - start) / 60, 1)
         _save(record, path)  # after every run: an interrupted experiment resumes where it stopped
     if record["real_data_classifier"] is None:
-        from dpldm.callbacks.evaluation import DownstreamAccuracy
-        from dpldm.cli import DPLDMCLI  # the real-data classifier: a reference, not private
-
-        cli = DPLDMCLI(args=["--config", os.path.join(args.configs, "finetune.yaml"), "--trainer.logger=false",
-                             f"--data.init_args.source={json.dumps({'class_path': SIZES[args.size]['source']})}",
-                             *stage_overrides(args.public, {})["finetune"][2:]], run=False)
-        metric = next(cb for cb in cli.trainer.callbacks if isinstance(cb, DownstreamAccuracy))
-        record["real_data_classifier"] = real_data_ceiling(cli.datamodule, metric)
+        record["real_data_classifier"] = real_data_classifier(args.size, args)
         _save(record, path)
     return render(args.results, args.doc)

@@ -59,3 +59,46 @@ def test_unet_from_scratch_has_the_pretrained_architecture_and_fresh_weights(tmp
     same = [torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), pretrained.state_dict().values())
             if a.dim() > 1]
     assert same and not any(same)
+
+
+def test_the_plan_is_seed_major_resumes_after_an_interruption_and_scores_real_data_once(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from dpldm import experiment
+
+    calls, ceilings = [], []
+    report = {"epsilon": 0.9, "delta": 1e-5, "noise_multiplier": 2.0, "sample_rate": 0.1, "steps": 3,
+              "expected_batch_size": 128}
+
+    def fake_stage(name, config, overrides, ceiling=True):
+        if len(calls) == 3 and not ceilings:  # the first attempt dies in its fourth run
+            ceilings.append("interrupted")
+            raise KeyboardInterrupt
+        calls.append((name, overrides, ceiling))
+        private = f"{experiment.PRIVACY}.epsilon=" in " ".join(overrides)
+        return SimpleNamespace(seconds=1.0, trained_fraction=0.3, metrics={"val/downstream_acc": 0.5},
+                               privacy={f"privacy/{k}": v for k, v in report.items()} if private else None)
+
+    monkeypatch.setattr(experiment, "run_stage", fake_stage)
+    monkeypatch.setattr(experiment, "real_data_classifier", lambda size, args: ceilings.append(size) or 0.9)
+    for stage in ("autoencoder", "ldm"):
+        (tmp_path / "public" / stage / "pretrained").mkdir(parents=True)
+    argv = ["--size", "digits", "--seeds", "2", "--epsilons", "1", "10", "--methods", "attention", "nonprivate",
+            "--public", str(tmp_path / "public"), "--out", str(tmp_path / "runs"),
+            "--results", str(tmp_path / "results"), "--doc", str(tmp_path / "results.md")]
+    with pytest.raises(KeyboardInterrupt):
+        experiment.main(argv)
+    assert [c[0] for c in calls] == ["attention-eps1-seed0", "attention-eps10-seed0", "nonprivate-seed0"]
+    experiment.main(argv)  # resumes: only what is missing, then the real-data reference once
+    names = [c[0] for c in calls]
+    assert names == ["attention-eps1-seed0", "attention-eps10-seed0", "nonprivate-seed0",
+                     "attention-eps1-seed1", "attention-eps10-seed1"]  # every setting once before seed 1
+    assert not any(ceiling for _, _, ceiling in calls) and ceilings == ["interrupted", "digits"]
+    for name, overrides, _ in calls:
+        private = "nonprivate" not in name
+        assert ("--model.init_args.privacy=null" in overrides) is not private
+        assert (f"{experiment.PRIVACY}.seed={name[-1]}" in overrides) is private
+        assert f"--seed_everything={name[-1]}" in overrides
+    record = json.loads((tmp_path / "results" / "digits.json").read_text())
+    assert len(record["rows"]) == 5 and record["real_data_classifier"] == 0.9
+    assert "| DP fine-tune, attention only (DP-LDM) | 0.500 ± 0.000 |" in (tmp_path / "results.md").read_text()
