@@ -93,8 +93,13 @@ def finetune_settings(configs: str) -> dict:
                         for c in cfg["trainer"]["callbacks"] if "Grid" not in c["class_path"]]}
 
 
-def real_data_classifier(size: str, args: argparse.Namespace) -> float:
-    """The downstream CNN trained on the real private training images: a reference, not private."""
+REFERENCES = ("real_data_classifier", "autoencoder_classifier")
+
+
+def references(size: str, args: argparse.Namespace, missing: tuple[str, ...] = REFERENCES) -> dict[str, float]:
+    """Not private, references only: the downstream CNN trained on the real private training images
+    (``real_data_classifier``), and on their reconstructions by the frozen public autoencoder
+    (``autoencoder_classifier``: what any model in that latent space could reach at best)."""
     from dpldm.callbacks.evaluation import DownstreamAccuracy
     from dpldm.cli import DPLDMCLI
 
@@ -103,7 +108,8 @@ def real_data_classifier(size: str, args: argparse.Namespace) -> float:
                          f"--data.init_args.source={source}", *stage_overrides(args.public, {})["finetune"][2:]],
                    run=False)
     metric = next(cb for cb in cli.trainer.callbacks if isinstance(cb, DownstreamAccuracy))
-    return real_data_ceiling(cli.datamodule, metric)
+    autoencoder = {"real_data_classifier": None, "autoencoder_classifier": cli.model.autoencoder}
+    return {key: real_data_ceiling(cli.datamodule, metric, autoencoder[key]) for key in missing}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -132,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
             run_stage(stage, os.path.join(args.configs, f"{stage}.yaml"), stage_overrides(args.public, {})[stage])
     seeds = args.seeds or (2 if args.size == "digits" else 1)
     path = os.path.join(args.results, f"{args.size}.json")
-    record = {"size": args.size, "label": SIZES[args.size]["label"], "rows": [], "real_data_classifier": None,
+    record = {"size": args.size, "label": SIZES[args.size]["label"], "rows": [], **dict.fromkeys(REFERENCES),
               "budget": SIZES[args.size]["budget"] + args.override, "settings": finetune_settings(args.configs),
               "minutes": 0.0, "command": f"dpldm experiment --size {args.size}"}
     if os.path.exists(path) and not args.fresh:  # resume: keep the runs already done with the same settings
@@ -152,7 +158,8 @@ def main(argv: list[str] | None = None) -> dict:
         record["rows"].append(run_one(args.size, method, epsilon, seed, args))
         record["minutes"] = round(record["minutes"] + (time.perf_counter() - start) / 60, 1)
         _save(record, path)  # after every run: an interrupted experiment resumes where it stopped
-    if record["real_data_classifier"] is None:
-        record["real_data_classifier"] = real_data_classifier(args.size, args)
+    missing = tuple(key for key in REFERENCES if record.get(key) is None)
+    if missing:
+        record.update(references(args.size, args, missing))
         _save(record, path)
     return render(args.results, args.doc)

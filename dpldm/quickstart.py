@@ -16,6 +16,7 @@ import os
 import time
 from dataclasses import dataclass
 
+import torch
 from lightning.pytorch.loggers import WandbLogger
 
 from dpldm.callbacks.evaluation import DownstreamAccuracy, SampleMetric, real_images
@@ -92,15 +93,23 @@ def run_stage(name: str, config: str, overrides: list[str], ceiling: bool = True
     return result
 
 
-def real_data_ceiling(datamodule: object, metric: DownstreamAccuracy) -> float:
+def real_data_ceiling(datamodule: object, metric: DownstreamAccuracy, autoencoder: object | None = None) -> float:
     """The downstream classifier trained on the real training images instead of samples: the ceiling.
 
     Not private: it reads the private training set without DP. It is printed as a reference, never logged.
+
+    Args:
+        datamodule: the run's DataModule (a latent cache's ``source`` is used for the real images).
+        metric: the run's downstream metric (test size, classifier epochs, seed).
+        autoencoder: a :class:`~dpldm.modules.FrozenAutoencoder`: train on its reconstructions of the real
+            images (decode(encode(x))) instead, the most any model in its latent space could reach.
     """
     from dpldm.metrics.downstream import downstream_accuracy, load_images
 
     source = getattr(datamodule, "source", datamodule)
-    train_x, train_y = load_images(source.cache_dataset())
+    train_x, train_y = load_images(source.cache_dataset())  # [N, C, H, W] in [-1, 1]
+    if autoencoder is not None:
+        train_x = torch.cat([autoencoder.decode(autoencoder.encode(x)) for x in train_x.split(256)])
     test_x, test_y = real_images(datamodule, metric.test_samples)
     return downstream_accuracy(train_x, train_y, test_x, test_y, source.num_classes, epochs=metric.epochs,
                                seed=metric.sampling.seed)

@@ -23,7 +23,7 @@ def _row(method, eps, seed, acc, fid):
 def test_report_tables_means_over_seeds_anchors_and_plot(tmp_path):
     rows = [_row("attention", 1.0, 0, 0.5, 20), _row("attention", 1.0, 1, 0.7, 30), _row("full", 1.0, 0, 0.4, 25),
             _row("nonprivate", None, 0, 0.9, 5)]
-    record = {"size": "fashion", "label": "Fashion-MNIST", "rows": rows, "real_data_classifier": 0.93,
+    record = {"size": "fashion", "label": "Fashion-MNIST", "rows": rows, "real_data_classifier": 0.93, "autoencoder_classifier": 0.71,
               "budget": ["--trainer.max_steps=300"], "minutes": 3.0, "command": "dpldm experiment --size fashion",
               "settings": {"privacy": {"max_grad_norm": 1.0}, "optimizer": {"class_path": "torch.optim.AdamW"},
                            "batch_size": 128, "metrics": []}}
@@ -34,6 +34,7 @@ def test_report_tables_means_over_seeds_anchors_and_plot(tmp_path):
     doc = (tmp_path / "results.md").read_text()
     assert "| DP fine-tune, attention only (DP-LDM) | 0.600 ± 0.141 |" in doc  # mean ± sd of the two seeds
     assert "| DP fine-tune, full UNet | 0.400 |" in doc and "(ε = ∞) | 0.900 |" in doc
+    assert "scores 0.930" in doc and "reconstructions by the frozen public autoencoder, it scores 0.710" in doc
     assert "86.2% at ε = 10" in doc and "N = 60000" in doc and "hand-written" in doc
     assert (tmp_path / "results" / "fashion.png").stat().st_size > 10_000
 
@@ -80,7 +81,8 @@ def test_the_plan_is_seed_major_resumes_after_an_interruption_and_scores_real_da
                                privacy={f"privacy/{k}": v for k, v in report.items()} if private else None)
 
     monkeypatch.setattr(experiment, "run_stage", fake_stage)
-    monkeypatch.setattr(experiment, "real_data_classifier", lambda size, args: ceilings.append(size) or 0.9)
+    monkeypatch.setattr(experiment, "references",
+                        lambda size, args, missing: ceilings.append((size, missing)) or dict.fromkeys(missing, 0.9))
     for stage in ("autoencoder", "ldm"):
         (tmp_path / "public" / stage / "pretrained").mkdir(parents=True)
     argv = ["--size", "digits", "--seeds", "2", "--epsilons", "1", "10", "--methods", "attention", "nonprivate",
@@ -93,12 +95,37 @@ def test_the_plan_is_seed_major_resumes_after_an_interruption_and_scores_real_da
     names = [c[0] for c in calls]
     assert names == ["attention-eps1-seed0", "attention-eps10-seed0", "nonprivate-seed0",
                      "attention-eps1-seed1", "attention-eps10-seed1"]  # every setting once before seed 1
-    assert not any(ceiling for _, _, ceiling in calls) and ceilings == ["interrupted", "digits"]
+    assert not any(ceiling for _, _, ceiling in calls) and ceilings == ["interrupted", ("digits", experiment.REFERENCES)]
     for name, overrides, _ in calls:
         private = "nonprivate" not in name
         assert ("--model.init_args.privacy=null" in overrides) is not private
         assert (f"{experiment.PRIVACY}.seed={name[-1]}" in overrides) is private
         assert f"--seed_everything={name[-1]}" in overrides
     record = json.loads((tmp_path / "results" / "digits.json").read_text())
-    assert len(record["rows"]) == 5 and record["real_data_classifier"] == 0.9
+    assert len(record["rows"]) == 5 and record["real_data_classifier"] == record["autoencoder_classifier"] == 0.9
     assert "| DP fine-tune, attention only (DP-LDM) | 0.500 ± 0.000 |" in (tmp_path / "results.md").read_text()
+
+
+def test_the_autoencoder_reference_trains_on_reconstructions(one_thread):
+    from types import SimpleNamespace
+
+    from dpldm.datamodules import DigitsDataModule
+    from dpldm.quickstart import real_data_ceiling
+
+    class Through:  # a stand-in autoencoder: decode(encode(x)) = keep * x
+        def __init__(self, keep: float):
+            self.keep = keep
+
+        def encode(self, x):
+            return x
+
+        def decode(self, z):
+            return self.keep * z
+
+    data = DigitsDataModule(image_size=8, batch_size=64)
+    data.prepare_data()
+    metric = SimpleNamespace(test_samples=None, epochs=4, sampling=SimpleNamespace(seed=0))
+    real = real_data_ceiling(data, metric)
+    assert real > 0.6  # chance is 0.1
+    assert real_data_ceiling(data, metric, Through(1.0)) == real  # a perfect autoencoder changes nothing
+    assert real_data_ceiling(data, metric, Through(0.0)) < 0.2  # one that loses everything: chance
