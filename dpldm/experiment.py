@@ -97,9 +97,9 @@ REFERENCES = ("real_data_classifier", "autoencoder_classifier")
 
 
 def references(size: str, args: argparse.Namespace, missing: tuple[str, ...] = REFERENCES) -> dict[str, float]:
-    """Not private, references only: the downstream CNN trained on the real private training images
-    (``real_data_classifier``), and on their reconstructions by the frozen public autoencoder
-    (``autoencoder_classifier``: what any model in that latent space could reach at best)."""
+    """Not private, references only: the downstream CNN trained on as many real private training images as
+    it gets samples (``real_data_classifier``), and on their reconstructions by the frozen public
+    autoencoder (``autoencoder_classifier``: what any model in that latent space could reach at best)."""
     from dpldm.callbacks.evaluation import DownstreamAccuracy
     from dpldm.cli import DPLDMCLI
 
@@ -109,7 +109,8 @@ def references(size: str, args: argparse.Namespace, missing: tuple[str, ...] = R
                    run=False)
     metric = next(cb for cb in cli.trainer.callbacks if isinstance(cb, DownstreamAccuracy))
     autoencoder = {"real_data_classifier": None, "autoencoder_classifier": cli.model.autoencoder}
-    return {key: real_data_ceiling(cli.datamodule, metric, autoencoder[key]) for key in missing}
+    return {key: real_data_ceiling(cli.datamodule, metric, autoencoder[key], max_items=metric.num_samples)
+            for key in missing}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -62,7 +62,7 @@ def plot(record: dict, path: str) -> None:
         if ceiling:
             ax.axhline(mean(ceiling), color="k", ls="--", lw=1, label=LABELS["nonprivate"])
         if key == "val/downstream_acc" and record.get("real_data_classifier"):
-            ax.axhline(record["real_data_classifier"], color="grey", ls=":", lw=1, label="CNN on the real training set")
+            ax.axhline(record["real_data_classifier"], color="grey", ls=":", lw=1, label="CNN on real training images")
         if key == "val/downstream_acc" and record.get("autoencoder_classifier"):
             ax.axhline(record["autoencoder_classifier"], color="grey", ls="-.", lw=1,
                        label="CNN on autoencoder reconstructions")
@@ -92,7 +92,7 @@ def section(record: dict, image: str) -> list[str]:
     for key, (name, better) in METRICS.items():
         lines += [f"**{name}** ({better}; mean ± sd over seeds):", "", *table(record, key), ""]
     if record.get("real_data_classifier"):
-        lines += [f"The same CNN trained on the real private training images scores "
+        lines += [f"The same CNN trained on as many real private training images as it gets samples scores "
                   f"{record['real_data_classifier']:.3f} (not private; a reference only)."
                   + (f" Trained on their reconstructions by the frozen public autoencoder, it scores "
                      f"{record['autoencoder_classifier']:.3f}: the most any model in that latent space could give."
@@ -102,7 +102,8 @@ def section(record: dict, image: str) -> list[str]:
                   "far more steps, δ = 1e-5): downstream accuracy " + ", ".join(
                       f"{a:.1%} at ε = {e:g}" for e, (a, _) in DPDM_FASHION.items()) + "; Inception FID "
                   + ", ".join(f"{f:g}" for _, (_, f) in DPDM_FASHION.items()) + " (not comparable with the "
-                  "glyph-feature distance here).", ""]
+                  "glyph-feature distance here). Their classifier protocol differs: ours trains on 1,000 samples, and "
+                  "on 1,000 real images it scores the real-data reference above.", ""]
     if rows:
         r0 = rows[0]
         lines += ["Settings: " + ", ".join([

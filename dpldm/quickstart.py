@@ -93,7 +93,8 @@ def run_stage(name: str, config: str, overrides: list[str], ceiling: bool = True
     return result
 
 
-def real_data_ceiling(datamodule: object, metric: DownstreamAccuracy, autoencoder: object | None = None) -> float:
+def real_data_ceiling(datamodule: object, metric: DownstreamAccuracy, autoencoder: object | None = None,
+                      max_items: int | None = None) -> float:
     """The downstream classifier trained on the real training images instead of samples: the ceiling.
 
     Not private: it reads the private training set without DP. It is printed as a reference, never logged.
@@ -103,11 +104,15 @@ def real_data_ceiling(datamodule: object, metric: DownstreamAccuracy, autoencode
         metric: the run's downstream metric (test size, classifier epochs, seed).
         autoencoder: a :class:`~dpldm.modules.FrozenAutoencoder`: train on its reconstructions of the real
             images (decode(encode(x))) instead, the most any model in its latent space could reach.
+        max_items: train on a random subset of this many real images (seeded; None: all of them).
     """
     from dpldm.metrics.downstream import downstream_accuracy, load_images
 
     source = getattr(datamodule, "source", datamodule)
     train_x, train_y = load_images(source.cache_dataset())  # [N, C, H, W] in [-1, 1]
+    if max_items is not None and max_items < len(train_x):
+        keep = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(metric.sampling.seed))[:max_items]
+        train_x, train_y = train_x[keep], train_y[keep]
     if autoencoder is not None:
         train_x = torch.cat([autoencoder.decode(autoencoder.encode(x)) for x in train_x.split(256)])
     test_x, test_y = real_images(datamodule, metric.test_samples)

@@ -114,9 +114,10 @@ def test_the_autoencoder_reference_trains_on_reconstructions(one_thread):
 
     class Through:  # a stand-in autoencoder: decode(encode(x)) = keep * x
         def __init__(self, keep: float):
-            self.keep = keep
+            self.keep, self.seen = keep, 0
 
         def encode(self, x):
+            self.seen += len(x)
             return x
 
         def decode(self, z):
@@ -129,3 +130,5 @@ def test_the_autoencoder_reference_trains_on_reconstructions(one_thread):
     assert real > 0.6  # chance is 0.1
     assert real_data_ceiling(data, metric, Through(1.0)) == real  # a perfect autoencoder changes nothing
     assert real_data_ceiling(data, metric, Through(0.0)) < 0.2  # one that loses everything: chance
+    subset = Through(1.0)
+    assert real_data_ceiling(data, metric, subset, max_items=300) < real and subset.seen == 300
