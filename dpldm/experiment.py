@@ -53,6 +53,12 @@ def method_overrides(method: str) -> list[str]:
     raise ValueError(f"unknown method {method!r} (one of {', '.join(METHODS)})")
 
 
+def source_override(size: str) -> str:
+    """The ``dpldm fit`` argument that makes ``size``'s private data set the latent cache's source."""
+    spec = SIZES[size]
+    return f"--data.init_args.source={json.dumps({'class_path': spec['source'], 'init_args': spec['source_args']})}"
+
+
 def run_one(size: str, method: str, epsilon: float | None, seed: int, args: argparse.Namespace) -> dict:
     """One fine-tuning run; its metrics, privacy report and time."""
     spec = SIZES[size]
@@ -61,8 +67,7 @@ def run_one(size: str, method: str, epsilon: float | None, seed: int, args: argp
     chain = stage_overrides(args.public, {})["finetune"]
     chain[chain.index("--trainer.default_root_dir") + 1] = root
     chain[chain.index("--data.init_args.cache_dir") + 1] = os.path.join(args.out, size, "latent-cache")
-    source = json.dumps({"class_path": spec["source"], "init_args": spec["source_args"]})
-    overrides = [*chain, f"--data.init_args.source={source}", *spec["budget"], f"--seed_everything={seed}",
+    overrides = [*chain, source_override(size), *spec["budget"], f"--seed_everything={seed}",
                  "--trainer.logger=false", *method_overrides(method), *args.override]
     if epsilon is not None:
         overrides += [f"{PRIVACY}.epsilon={epsilon}", f"{PRIVACY}.seed={seed}"]
@@ -103,9 +108,8 @@ def references(size: str, args: argparse.Namespace, missing: tuple[str, ...] = R
     from dpldm.callbacks.evaluation import DownstreamAccuracy
     from dpldm.cli import DPLDMCLI
 
-    source = json.dumps({"class_path": SIZES[size]["source"], "init_args": SIZES[size]["source_args"]})
     cli = DPLDMCLI(args=["--config", os.path.join(args.configs, "finetune.yaml"), "--trainer.logger=false",
-                         f"--data.init_args.source={source}", *stage_overrides(args.public, {})["finetune"][2:]],
+                         source_override(size), *stage_overrides(args.public, {})["finetune"][2:]],
                    run=False)
     metric = next(cb for cb in cli.trainer.callbacks if isinstance(cb, DownstreamAccuracy))
     autoencoder = {"real_data_classifier": None, "autoencoder_classifier": cli.model.autoencoder}
