@@ -87,3 +87,35 @@ def test_laion_finetune_offline_names_the_key_for_a_local_copy():
 
     with pytest.raises((PretrainedNotFoundError, ValueError), match="model.init_args.unet.init_args.path"):  # jsonargparse wraps it
         instantiate("laion/finetune.yaml")
+
+
+def _data_class(cfg: dict) -> type:
+    """The data class a config trains on (a latent cache's source)."""
+    import importlib
+
+    data = cfg["data"]
+    if data["class_path"].endswith("LatentCacheDataModule"):
+        data = data["init_args"]["source"]
+    module, name = data["class_path"].rsplit(".", 1)
+    return getattr(importlib.import_module(module), name)
+
+
+def test_every_config_on_private_data_is_dp():
+    """A private stage without DP must be impossible to ship: every config whose data is not marked public (the
+    fine-tunes, present and future) has a privacy block, keeps the Poisson sampler and logs no private loss."""
+    import yaml
+
+    private = []
+    for rel in run_configs():
+        cfg = yaml.safe_load((CONFIGS / rel).read_text())
+        if getattr(_data_class(cfg), "public", False):
+            continue
+        private.append(rel)
+        model, trainer = cfg["model"]["init_args"], cfg["trainer"]
+        assert model.get("privacy", {}).get("class_path") == "dpldm.privacy.DifferentialPrivacy", rel
+        assert not model.get("allow_non_private", False), rel
+        assert trainer.get("use_distributed_sampler") is False, rel
+        assert trainer.get("limit_val_batches") == 0, rel  # no validation loss of private data
+        assert not model["privacy"].get("init_args", {}).get("log_private_metrics", False), rel
+    assert {"quickstart/finetune.yaml", "cifar10/finetune.yaml", "laion/finetune.yaml"} <= set(private)
+    assert not [r for r in private if "finetune" not in r and "tiny" not in r], "a non-fine-tune stage on private data"

@@ -41,9 +41,14 @@ class PrivacyMonitor(L.Callback):
         os.makedirs(root, exist_ok=True)
         with open(os.path.join(root, "privacy.json"), "w") as f:
             json.dump({**self.final, "accountant": dp.settings.accountant, "max_grad_norm": dp.settings.max_grad_norm,
-                       "target_epsilon": dp.settings.epsilon, "world_size": trainer.world_size}, f, indent=2)
+                       "target_epsilon": dp.settings.epsilon, "planned_steps": dp.plan.planned_steps,
+                       "world_size": trainer.world_size,
+                       "segments": dp.segments()}, f, indent=2)  # every (sigma, q, steps), resumed runs included
         r = self.final
         rank_zero_info(f"DP-SGD: epsilon = {r['privacy/epsilon']:.3f} at delta = {r['privacy/delta']:.3g} "
                        f"({dp.settings.accountant.upper()}), sigma = {r['privacy/noise_multiplier']:.4g}, "
                        f"q = {r['privacy/sample_rate']:.4g}, steps = {int(r['privacy/steps'])}, "
-                       f"C = {dp.settings.max_grad_norm}")
+                       f"C = {dp.settings.max_grad_norm}"
+                       + ("; segments (sigma, q, steps): " + ", ".join(f"({s:.4g}, {q:.4g}, {t})" for s, q, t
+                                                                     in dp.accountant.history)
+                          if len(dp.accountant.history) > 1 else ""))

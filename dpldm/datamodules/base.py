@@ -74,6 +74,9 @@ class ImageDataModule(pl.LightningDataModule):
     num_classes: int = 0
     channels: int = 0
     image_size: int = 0
+    # Public data (pretraining sets) may be fit without DP; anything else is private by default, and a fit on it
+    # without DP-SGD is refused unless the model declares allow_non_private (dpldm.privacy.check_private_data).
+    public: bool = False
     # Set by a DP model before training (dpldm.privacy): Poisson-sample the training set with this seed.
     poisson_seed: Optional[int] = None
     poisson_shard: tuple[int, int] = (0, 1)  # (rank, world size): under DDP each rank samples its shard

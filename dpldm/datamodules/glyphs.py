@@ -126,6 +126,8 @@ class GlyphsDataModule(ImageDataModule):
         seed: seed (>= 0) of every sample's rendering and of the training shuffle.
     """
 
+    public = True  # a public pretraining set: non-DP fits are allowed
+
     channels = 1
 
     def __init__(

@@ -58,6 +58,8 @@ class ImageNet32DataModule(ImageDataModule):
         seed: seed of the training shuffle.
     """
 
+    public = True  # a public pretraining set: non-DP fits are allowed
+
     num_classes = 1000
     channels = 3
     image_size = 32

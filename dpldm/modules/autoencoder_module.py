@@ -15,6 +15,8 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor
 from torch.nn import functional as F
 
+from dpldm.privacy.settings import check_private_data
+
 
 def _adam(params: object) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=2e-4)
@@ -28,12 +30,19 @@ class AutoencoderTraining(L.LightningModule):
         kl_weight: weight of the KL term.
         optimizer: optimizer factory.
         scale_batches: public training batches used to measure the latent scale factor on export.
+        allow_non_private: declare a fit on data not marked public (it is not DP); refused without it.
     """
 
     def __init__(self, vae: AutoencoderKL, kl_weight: float = 1e-6, optimizer: OptimizerCallable = _adam,
-                 scale_batches: int = 16):
+                 scale_batches: int = 16, allow_non_private: bool = False):
         super().__init__()
         self.vae, self.kl_weight, self.optimizer_factory, self.scale_batches = vae, kl_weight, optimizer, scale_batches
+        self.allow_non_private = allow_non_private
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":  # stage 1 is not DP: public data only, unless declared
+            check_private_data(self.trainer.datamodule, False, self.allow_non_private,
+                               field="model.init_args.allow_non_private")
 
     def _losses(self, images: Tensor, sample: bool) -> tuple[Tensor, Tensor]:
         posterior = self.vae.encode(images).latent_dist

@@ -29,7 +29,7 @@ from dpldm.modules.unet import unet_downsample_factor
 from dpldm.privacy.engine import DPSGDEngine
 from dpldm.privacy.sampling import poisson_rate
 from dpldm.privacy.scope import TrainableScope, count
-from dpldm.privacy.settings import DifferentialPrivacy, check_trainer, plan
+from dpldm.privacy.settings import DifferentialPrivacy, check_private_data, check_trainer, plan
 
 
 def ldm_noise_schedule() -> DDPMScheduler:
@@ -61,6 +61,8 @@ class LatentDiffusion(L.LightningModule):
         scope: train only this part of the UNet (+ conditioner); default: everything, or ``attention``
             when ``privacy`` is set.
         privacy: DP-SGD settings; ``None`` trains without a privacy guarantee.
+        allow_non_private: declare a fit without DP on data that is not marked public (a non-private baseline,
+            or data you know to be public); without it such a fit is refused.
     """
 
     def __init__(
@@ -79,6 +81,7 @@ class LatentDiffusion(L.LightningModule):
         sampling_steps: int = 50,
         scope: TrainableScope | None = None,
         privacy: DifferentialPrivacy | None = None,
+        allow_non_private: bool = False,
     ):
         super().__init__()
         self.unet, self.autoencoder, self.conditioner = unet, autoencoder, conditioner
@@ -90,6 +93,7 @@ class LatentDiffusion(L.LightningModule):
         self.guidance_scale, self.sampling_steps = guidance_scale, sampling_steps
         self._check_parts()
         self.privacy, self.dp = privacy, None  # dp: the DPSGDEngine, built at fit start (needs N)
+        self.allow_non_private = allow_non_private
         self.scope = scope or (TrainableScope() if privacy is not None else None)
         self.trained_modules = self.scope.apply(unet, conditioner) if self.scope else [unet, conditioner]
         self.automatic_optimization = privacy is None  # DP: micro-batches and one noisy step, by hand
@@ -111,25 +115,49 @@ class LatentDiffusion(L.LightningModule):
         if not 0 <= self.cond_drop_prob < 1:
             raise ConfigError("model.init_args.cond_drop_prob", self.cond_drop_prob, "must be in [0, 1)")
 
-    # --- checks against the data (run in setup, before the first step) ---
-    def setup(self, stage: str) -> None:
-        dm = self.trainer.datamodule if self.trainer is not None else None
+    # --- checks against the data and the trainer (before any private record is read or encoded) ---
+    def preflight(self, dm: object) -> None:
+        """Every check that needs the parts, the trainer and the data's geometry and size, but reads or encodes no
+        record: shapes, DP on private data, the trainer, the privacy plan (delta vs N, sigma, one step's cost).
+        A latent cache calls it before encoding (hours at LAION scale); :meth:`setup` calls it again.
+        """
         if dm is not None:
             check_data_compatible(self, dm)
-        if stage == "fit" and self.privacy is not None and self.dp is None:
+        trainer = self._trainer
+        if trainer is None or trainer.state.fn != "fit":
+            return
+        check_private_data(dm, self.privacy is not None, self.allow_non_private)
+        if self.privacy is not None and self.dp is None:
+            check_trainer(trainer)
+            n = getattr(dm, "planned_num_train_samples", None)  # a latent cache's N, known before it is built
+            if n is not None:
+                self._plan_privacy(dm, n)
+
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule if self.trainer is not None else None
+        self.preflight(dm)
+        if stage == "fit" and self.privacy is not None:
             self._setup_privacy(dm)
 
+    def _plan_privacy(self, dm: object, num_samples: int) -> None:
+        """Plan the accounting (N, q, sigma, delta) and attach the per-example clipping."""
+        trainer = self.trainer
+        p = plan(self.privacy, num_samples, dm.batch_size, trainer.max_steps, trainer.max_epochs)
+        self.dp = DPSGDEngine(self.privacy, p, self.trained_modules, start_step=trainer.global_step,
+                              rank=trainer.global_rank)
+
     def _setup_privacy(self, dm: object) -> None:
-        """Plan the accounting (N, q, sigma, delta), attach per-sample hooks, switch the data to Poisson."""
+        """Plan the accounting if the preflight could not, and switch the data to Poisson sampling."""
         if dm is None or not hasattr(dm, "num_train_samples"):
             raise ConfigError("data", type(dm).__name__,
                               "a DP stage needs a map-style dataset of known size N (num_train_samples) for Poisson "
                               "sampling; wrap a stream in dpldm.datamodules.LatentCacheDataModule (a latent cache)")
+        if self.dp is not None and self.dp.plan.num_samples != dm.num_train_samples:  # the preflight's N was off
+            self.dp.detach()
+            self.dp = None
+        if self.dp is None:
+            self._plan_privacy(dm, dm.num_train_samples)
         trainer = self.trainer
-        check_trainer(trainer)
-        p = plan(self.privacy, dm.num_train_samples, dm.batch_size, trainer.max_steps, trainer.max_epochs)
-        self.dp = DPSGDEngine(self.privacy, p, self.trained_modules, start_step=trainer.global_step,
-                              rank=trainer.global_rank)
         # Under DDP each rank Poisson-samples its own shard at the global q (dpldm.privacy.sampling).
         dm.poisson_shard = (trainer.global_rank, trainer.world_size)
         dm.poisson_secure = self.privacy.secure_mode
@@ -192,6 +220,9 @@ class LatentDiffusion(L.LightningModule):
         """One DP-SGD step over a Poisson batch, in physical micro-batches (dpldm.privacy.engine)."""
         if self.dp.exhausted():  # one more step would exceed the target epsilon
             self.trainer.should_stop = True
+            rank_zero_warn(f"DP-SGD stopped at step {self.dp.accountant.steps} of {self.dp.plan.planned_steps} planned: "
+                           f"one more step would take epsilon past the target {self.privacy.epsilon} "
+                           f"(spent: {self.dp.accountant.epsilon():.4g})")
             return None
         with self._without_ddp_sync():  # the engine sums the clipped gradients over ranks, noise once
             total, n = self.dp.step(batch, self.per_example_loss, self.optimizers(), self.noise_draws,
@@ -207,11 +238,12 @@ class LatentDiffusion(L.LightningModule):
         return wrapper.no_sync() if isinstance(wrapper, DistributedDataParallel) else contextlib.nullcontext()
 
     def on_train_end(self) -> None:
-        if self.dp is not None and self.dp.nonfinite_examples:
-            # How many private examples had a non-finite gradient is itself not DP: shown here, not logged.
+        # How many private examples had a non-finite gradient is a statistic of the private data (not DP): it
+        # reaches the console only when declared, like the private losses.
+        if self.dp is not None and self.dp.nonfinite_examples and self.privacy.log_private_metrics:
             rank_zero_warn(f"{self.dp.nonfinite_examples} per-example gradient(s) were not finite and were zeroed "
-                           "before clipping (still DP; this count is not private and is not logged). Lower the "
-                           "learning rate or use 32-true precision if it keeps happening.")
+                           "before clipping (still DP; this count is not DP: shown because log_private_metrics is "
+                           "true). Lower the learning rate or use 32-true precision if it keeps happening.")
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         if self.dp is not None and not self.privacy.log_private_metrics:
@@ -240,11 +272,8 @@ class LatentDiffusion(L.LightningModule):
         if self.dp is not None and "privacy" in checkpoint:
             # Resuming (after setup, before the loaders exist): continue the same accountant, and draw
             # fresh sampling and noise streams for the remaining steps (never replay the first ones).
-            self.dp.accountant.load_state_dict(checkpoint["privacy"]["accountant"])
             step = checkpoint["global_step"]
-            if self.dp.accountant.steps != step:
-                raise RuntimeError(f"checkpoint accounted {self.dp.accountant.steps} DP steps at step {step}")
-            self.dp.reseed(step)
+            self.dp.resume(checkpoint["privacy"]["accountant"], step)
             self.trainer.datamodule.poisson_seed = self.dp.sampler_seed(step)
 
     @contextlib.contextmanager

@@ -7,42 +7,73 @@ Accountants from Opacus: PRV (Gopi et al., 2021; numerically tight, the default)
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from typing import Literal
 
 from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
+from opacus.accountants.utils import MAX_SIGMA
 
 AccountantKind = Literal["prv", "rdp"]
 
 
+Segment = tuple[float, float, int]  # (sigma, q, steps): one stretch of steps at one noise level and rate
+
+
 def epsilon_for(noise_multiplier: float, sample_rate: float, steps: int, delta: float,
-                accountant: AccountantKind = "prv") -> float:
-    """Epsilon spent by ``steps`` DP-SGD steps at sampling rate q and noise multiplier sigma."""
+                accountant: AccountantKind = "prv", history: Sequence[Segment] = ()) -> float:
+    """Epsilon spent by ``steps`` DP-SGD steps at sampling rate q and noise multiplier sigma, after the steps
+    already accounted in ``history`` (composed)."""
     acc = PrivacyAccountant(accountant, delta)
+    for segment in history:
+        acc.add(*segment)
     acc.add(noise_multiplier, sample_rate, steps)
     return acc.epsilon()
 
 
 def calibrate_noise(epsilon: float, delta: float, sample_rate: float, steps: int,
-                    accountant: AccountantKind = "prv") -> float:
-    """Smallest noise multiplier sigma (to 0.01 in epsilon) with epsilon(sigma, q, T, delta) <= epsilon."""
+                    accountant: AccountantKind = "prv", history: Sequence[Segment] = (),
+                    tolerance: float = 0.01) -> float:
+    """Smallest noise multiplier sigma (to ``tolerance`` in epsilon) such that ``steps`` more steps at (sigma, q)
+    after ``history`` spend at most ``epsilon`` in all (Opacus's ``get_noise_multiplier`` search, with a history).
+
+    Raises:
+        ValueError: not even an enormous sigma fits (``history`` alone spends ``epsilon``, or close to it).
+    """
+    def spent(sigma: float) -> float:
+        return epsilon_for(sigma, sample_rate, steps, delta, accountant, history)
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # RDP's "optimal order is the largest alpha" during the search
-        return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate,
-                                          steps=steps, accountant=accountant))
+        low, high, eps_high = 0.0, 10.0, float("inf")
+        while eps_high > epsilon:
+            high *= 2
+            if high > MAX_SIGMA:
+                raise ValueError(f"no noise multiplier up to {MAX_SIGMA:g} keeps epsilon <= {epsilon} "
+                                 f"(already spent before these steps: {epsilon_for(0, sample_rate, 0, delta, accountant, history):.4g})")
+            eps_high = spent(high)
+        while epsilon - eps_high > tolerance:
+            mid = (low + high) / 2
+            eps = spent(mid)
+            if eps < epsilon:
+                high, eps_high = mid, eps
+            else:
+                low = mid
+    return high
 
 
 def max_steps_within(epsilon: float, noise_multiplier: float, sample_rate: float, delta: float,
-                     accountant: AccountantKind = "prv", limit: int = 10_000_000) -> int:
-    """Largest T <= ``limit`` with epsilon(sigma, q, T, delta) <= epsilon (0 if not even one step fits).
+                     accountant: AccountantKind = "prv", limit: int = 10_000_000,
+                     history: Sequence[Segment] = ()) -> int:
+    """Largest T <= ``limit`` with epsilon(history + T steps at (sigma, q), delta) <= epsilon (0 if not even one
+    more step fits).
 
     Pass the planned number of steps as ``limit``: accounting millions of steps (a generous epsilon at a
     large sigma) is slow and memory-hungry, and no run takes more steps than it plans.
     """
     def fits(t: int) -> bool:
-        return epsilon_for(noise_multiplier, sample_rate, t, delta, accountant) <= epsilon
+        return epsilon_for(noise_multiplier, sample_rate, t, delta, accountant, history) <= epsilon
 
-    if noise_multiplier == 0 or not fits(1):
+    if noise_multiplier == 0 or limit < 1 or not fits(1):
         return 0
     if fits(limit):
         return limit
@@ -90,6 +121,11 @@ class PrivacyAccountant:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return float(self._acc.get_epsilon(delta=self.delta))
+
+    @property
+    def history(self) -> list[Segment]:
+        """Every (sigma, q, steps) segment accounted so far, in order."""
+        return [tuple(h) for h in self._acc.history]
 
     def state_dict(self) -> dict:
         return {"kind": self.kind, "delta": self.delta, "history": [tuple(h) for h in self._acc.history]}

@@ -19,6 +19,7 @@ example are its adjacent rows: they are joined into one sequence (Linear) or sum
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Literal
 
@@ -59,6 +60,16 @@ def _zero_rows(x: Tensor, keep: Tensor) -> Tensor:
 def _fold_samples(gs: Tensor, n: int) -> Tensor:
     """Per-row gradients [R, *shape] -> per-example [n, *shape] (the K rows of an example summed)."""
     return gs if gs.shape[0] == n else gs.view(n, -1, *gs.shape[1:]).sum(1)
+
+
+def full_precision() -> contextlib.AbstractContextManager:
+    """Autocast off (bf16-mixed training runs the step inside it): norms, clip factors, the clipped sum and
+    the noise are computed in the precision of the fp32 master weights, not in bf16."""
+    stack = contextlib.ExitStack()
+    for device in ("cpu", "cuda"):
+        if torch.is_autocast_enabled(device):
+            stack.enter_context(torch.autocast(device, enabled=False))
+    return stack
 
 
 class BookKeepingClipper:
@@ -111,8 +122,11 @@ class BookKeepingClipper:
         return output
 
     def _linear(self, m: nn.Linear | nn.Conv2d, n: int) -> tuple[Tensor, Clipped]:
-        """Squared per-example norms [n] of a Linear (or 1x1 conv) layer, and how to make its clipped sum."""
-        a, g = _fold(_tokens(m, self.inputs[m][0]), n), _fold(_tokens(m, self.grads[m]), n)  # [n, T', d_in|d_out]
+        """Squared per-example norms [n] of a Linear (or 1x1 conv) layer, and how to make its clipped sum.
+        Norms and sums in the weights' precision (fp32 master weights under bf16-mixed autocast)."""
+        dtype = m.weight.dtype
+        a = _fold(_tokens(m, self.inputs[m][0]), n).to(dtype)  # [n, T', d_in]
+        g = _fold(_tokens(m, self.grads[m]), n).to(dtype)  # [n, T', d_out]
         t, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
         ghost = self.linear_norms == "ghost" or (self.linear_norms == "auto" and t * (d_in + d_out) < d_in * d_out)
         if ghost:  # <a a^T, g g^T>: [n, T', T'] Gram matrices, no [n, d_out, d_in] tensor
@@ -142,7 +156,7 @@ class BookKeepingClipper:
         samples = GradSampleModule.GRAD_SAMPLERS[type(m)](m, self.inputs[m], self.grads[m])
         for p in trained:
             p.requires_grad_(False)
-        samples = {p: _fold_samples(gs, n) for p, gs in samples.items() if id(p) in self._trained}
+        samples = {p: _fold_samples(gs.to(p.dtype), n) for p, gs in samples.items() if id(p) in self._trained}
         sq = sum((gs.reshape(n, -1).pow(2).sum(1) for gs in samples.values()), torch.zeros(n, device=self.grads[m].device))
 
         def clipped(c: Tensor, keep: Tensor | None) -> dict[nn.Parameter, Tensor]:
@@ -155,6 +169,10 @@ class BookKeepingClipper:
         """After the backward of one micro-batch: clip each example's whole gradient, add the sum to
         ``p.summed_grad``, forget the captured tensors. An example whose gradient is not finite (its norm
         is inf or NaN) is zeroed instead; returns how many were."""
+        with full_precision():
+            return self._accumulate(num_examples, max_grad_norm)
+
+    def _accumulate(self, num_examples: int, max_grad_norm: float) -> int:
         parts = [self._linear(m, num_examples) if isinstance(m, nn.Linear) or _is_pointwise_conv(m)
                  else self._sampled(m, num_examples) for m in self.layers if m in self.grads]
         norms = torch.stack([sq for sq, _ in parts]).sum(0).sqrt()  # [n]: over all trained parameters

@@ -28,10 +28,10 @@ from opacus.optimizers import DPOptimizer
 from torch import Tensor, nn
 
 from dpldm.errors import ConfigError
-from dpldm.privacy.accounting import PrivacyAccountant, calibrate_noise, max_steps_within
-from dpldm.privacy.clipping import BookKeepingClipper, SummedGradDPOptimizer
+from dpldm.privacy.accounting import PrivacyAccountant, calibrate_noise, epsilon_for, max_steps_within
+from dpldm.privacy.clipping import BookKeepingClipper, SummedGradDPOptimizer, full_precision
 from dpldm.privacy.distributed import GlobalBatchNoise
-from dpldm.privacy.settings import DifferentialPrivacy, PrivacyPlan
+from dpldm.privacy.settings import FIELD, DifferentialPrivacy, PrivacyPlan
 
 # Opacus's backward hooks on the first trained layer, whose inputs need no gradient: expected, harmless.
 warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
@@ -80,11 +80,13 @@ def fold_noise_draws(params: Sequence[nn.Parameter], num_examples: int, noise_dr
     """Turn the per-row gradients of the last backward into per-example gradients and append them.
 
     The UNet sees each example K times (rows of one example adjacent); the conditioner may see it once.
-    Rows of one example are summed: that is the gradient of its (K-averaged) loss.
+    Rows of one example are summed: that is the gradient of its (K-averaged) loss. Under bf16-mixed autocast
+    the grad samplers return bf16: clipping and noise then run in the fp32 of the master weights.
     """
     for p in params:
         gs = p.grad_sample
         done, new = (gs[:-1], gs[-1]) if isinstance(gs, list) else ([], gs)
+        new = new.to(p.dtype)
         if new.shape[0] == num_examples * noise_draws and noise_draws > 1:
             new = new.view(num_examples, noise_draws, *new.shape[1:]).sum(1)
         elif new.shape[0] != num_examples:
@@ -108,16 +110,8 @@ class DPSGDEngine:
         self.settings, self.plan, self.rank = settings, plan, rank
         self.nonfinite_examples = 0  # examples whose gradient was not finite, zeroed (a private count: not logged)
         self.params = [p for m in trained for p in m.parameters() if p.requires_grad]
-        if settings.noise_multiplier is not None:
-            self.noise_multiplier = float(settings.noise_multiplier)
-        else:
-            self.noise_multiplier = calibrate_noise(settings.epsilon, plan.delta, plan.sample_rate,
-                                                    plan.planned_steps, settings.accountant)
-        # Steps the budget allows (up to the planned ones): training stops before a step would exceed epsilon.
-        self.budget_steps = (max_steps_within(settings.epsilon, self.noise_multiplier, plan.sample_rate,
-                                              plan.delta, settings.accountant, limit=max(plan.planned_steps, 1))
-                             if settings.epsilon is not None else None)
         self.accountant = PrivacyAccountant(settings.accountant, plan.delta)
+        self.noise_multiplier, self.budget_steps = self._budget()
         self.seed = settings.seed if settings.seed is not None else fresh_seed()
         self.noise_generator = torch.Generator()
         self.reseed(start_step)
@@ -127,6 +121,58 @@ class DPSGDEngine:
         else:
             self._hooks = []
             self.clipper = BookKeepingClipper(trained, "ghost" if settings.clipping == "ghost" else "auto")
+
+    def _budget(self) -> tuple[float, int | None]:
+        """sigma for the steps still planned, and the total steps the target epsilon allows (``None``: no
+        target), both after the steps already accounted: a resumed run with a longer plan spends the budget
+        that is left, never the whole budget again."""
+        s, p, done = self.settings, self.plan, self.accountant.steps
+        if s.noise_multiplier is not None:
+            return float(s.noise_multiplier), self._steps_allowed(float(s.noise_multiplier))
+        try:
+            sigma = calibrate_noise(s.epsilon, p.delta, p.sample_rate, max(p.planned_steps - done, 1), s.accountant,
+                                    self.accountant.history)
+        except ValueError as err:
+            raise ConfigError(f"{FIELD}.epsilon", s.epsilon, f"leaves no budget for more steps: the {done} steps "
+                              f"already taken spend epsilon = {self.accountant.epsilon():.4g} ({err})") from None
+        return sigma, self._steps_allowed(sigma)
+
+    def _steps_allowed(self, sigma: float) -> int | None:
+        """Total steps (those taken included) within the target epsilon at sigma, up to the plan."""
+        s, p, done = self.settings, self.plan, self.accountant.steps
+        if s.epsilon is None:
+            return None
+        extra = max_steps_within(s.epsilon, sigma, p.sample_rate, p.delta, s.accountant,
+                                 limit=p.planned_steps - done, history=self.accountant.history)
+        if extra == 0 and done == 0:  # invariant 7: fail fast rather than train 0 steps and exit 0
+            one = epsilon_for(sigma, p.sample_rate, 1, p.delta, s.accountant)
+            raise ConfigError(f"{FIELD}.noise_multiplier", s.noise_multiplier,
+                              f"is too small for even one step: one step at q = {p.sample_rate:.4g} spends epsilon = "
+                              f"{one:.4g} > epsilon = {s.epsilon} (raise noise_multiplier, or leave it unset to "
+                              "calibrate sigma from epsilon)")
+        return done + extra
+
+    def resume(self, accountant_state: dict, step: int) -> None:
+        """Continue the accountant of a checkpoint at optimizer step ``step``, and draw fresh sampling and noise
+        streams (never a replay of the first steps). The same plan keeps its sigma (as if never interrupted);
+        a changed plan (more steps, another q) gets sigma recalibrated for the steps left after the history.
+
+        Raises:
+            RuntimeError: the checkpoint's accountant and its step disagree.
+        """
+        planned_sigma = self.noise_multiplier  # calibrated for this plan from step 0
+        self.accountant.load_state_dict(accountant_state)
+        if self.accountant.steps != step:
+            raise RuntimeError(f"checkpoint accounted {self.accountant.steps} DP steps at step {step}")
+        if all(seg[:2] == (planned_sigma, self.plan.sample_rate) for seg in self.accountant.history):
+            self.budget_steps = self._steps_allowed(planned_sigma)
+        else:
+            self.noise_multiplier, self.budget_steps = self._budget()
+        self.reseed(step)
+
+    def segments(self) -> list[dict]:
+        """The accountant's history, one ``{noise_multiplier, sample_rate, steps}`` per segment (privacy.json)."""
+        return [{"noise_multiplier": s, "sample_rate": q, "steps": t} for s, q, t in self.accountant.history]
 
     def reseed(self, step: int) -> None:
         self.noise_generator.manual_seed(derive_seed(self.seed, step, 1))
@@ -186,12 +232,14 @@ class DPSGDEngine:
             total += float(loss.detach().sum())
             if i < len(chunks) - 1:  # clip and accumulate this micro-batch; no noise, no update yet
                 dp_optimizer.signal_skip_step(True)
-                dp_optimizer.step()
+                with full_precision():
+                    dp_optimizer.step()
                 dp_optimizer.zero_grad(set_to_none=True)
         if not chunks:
             self.empty_batch()
         self.before_noise()
-        optimizer.step()  # clip the last micro-batch, add N(0, sigma^2 C^2) once, divide by B, step
+        with full_precision():
+            optimizer.step()  # clip the last micro-batch, add N(0, sigma^2 C^2) once, divide by B, step
         optimizer.zero_grad(set_to_none=True)
         self.step_taken()
         return total, n
@@ -210,7 +258,8 @@ class DPSGDEngine:
         finally:
             self.clipper.end()
         self.before_noise()
-        optimizer.step()  # add N(0, sigma^2 C^2) once to the clipped sum, divide by B, step
+        with full_precision():
+            optimizer.step()  # add N(0, sigma^2 C^2) once to the clipped sum, divide by B, step
         optimizer.zero_grad(set_to_none=True)
         self.step_taken()
         return total

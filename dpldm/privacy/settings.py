@@ -113,6 +113,25 @@ def plan(dp: DifferentialPrivacy, num_samples: int, expected_batch_size: int, ma
     return PrivacyPlan(num_samples, expected_batch_size, q, delta, steps)
 
 
+def check_private_data(datamodule: object, private_training: bool, allow_non_private: bool,
+                       field: str = "model.init_args.privacy") -> None:
+    """A fit on data not marked public must be DP, unless declared (a private stage without DP is the worst
+    bug a DP framework can ship).
+
+    Args:
+        datamodule: the fit's data; public when it has ``public = True`` (a latent cache: its source's).
+        private_training: whether the fit runs DP-SGD.
+        allow_non_private: the config's declaration that a non-private fit on this data is intended.
+        field: the config field that turns DP on.
+    """
+    if private_training or allow_non_private or datamodule is None or getattr(datamodule, "public", False):
+        return
+    name = type(getattr(datamodule, "source", datamodule)).__name__
+    raise ConfigError(field, None, f"{name} is not marked public, and training on it without DP-SGD leaks it: set "
+                      f"{field} (DifferentialPrivacy), or declare model.init_args.allow_non_private: true "
+                      "(a non-private baseline, or data you know to be public)")
+
+
 def _is_ddp(strategy: object) -> bool:
     from lightning.pytorch.strategies import DDPStrategy
 

@@ -178,3 +178,51 @@ def test_dp_fit_from_the_cache_never_runs_the_encoder(tiny_model, tmp_path, monk
     trainer.fit(model, dm)  # prepare_data builds the cache with the model's own encoder
     assert sum(encoded) == 1437  # every private image encoded exactly once, during the build
     assert model.dp.plan.num_samples == 1437 and model.dp.accountant.steps == 2
+
+
+@pytest.mark.parametrize("privacy, trainer_kw, field", [
+    ({"delta": 1e-3}, {}, "privacy.init_args.delta"),  # delta >= 1/N (N = 1437)
+    ({"noise_multiplier": 0.05}, {}, "privacy.init_args.noise_multiplier"),  # not even one step fits
+    ({}, {"use_distributed_sampler": True}, "trainer.use_distributed_sampler"),
+    (None, {}, "model.init_args.privacy"),  # private digits without DP, undeclared
+])
+def test_cheap_checks_fail_before_anything_is_encoded(tmp_path, monkeypatch, privacy, trainer_kw, field):
+    """Every check that needs no encoding (privacy settings, delta vs N, the sampler, DP on private data) runs
+    before the latent cache is built: at LAION scale the build takes hours."""
+    import lightning.pytorch as L
+
+    from dpldm.errors import ConfigError
+    from dpldm.modules import ClassEmbedder, FrozenAutoencoder, LatentDiffusion, build_autoencoder, build_unet
+    from dpldm.privacy import DifferentialPrivacy
+    from tests.conftest import TINY_UNET
+
+    dp = None if privacy is None else DifferentialPrivacy(**{"epsilon": 8.0, **privacy})
+    model = LatentDiffusion(build_unet(**TINY_UNET), FrozenAutoencoder(build_autoencoder(**TINY_AE)),
+                            ClassEmbedder(10, embed_dim=16), privacy=dp)
+    encoded = []
+    monkeypatch.setattr(FrozenAutoencoder, "moments", lambda self, images: encoded.append(len(images)))
+    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, default_root_dir=tmp_path,
+                        limit_val_batches=0, enable_progress_bar=False, enable_model_summary=False,
+                        **{"use_distributed_sampler": False, **trainer_kw})
+    with pytest.raises(ConfigError, match=field):
+        trainer.fit(model, cached(tmp_path, batch_size=16))
+    assert encoded == [] and not (tmp_path / "cache").exists()
+
+
+def test_a_shape_mismatch_fails_before_anything_is_encoded(tmp_path, monkeypatch):
+    import lightning.pytorch as L
+
+    from dpldm.errors import ConfigError
+    from dpldm.modules import ClassEmbedder, FrozenAutoencoder, LatentDiffusion, build_autoencoder, build_unet
+    from dpldm.privacy import DifferentialPrivacy
+    from tests.conftest import TINY_UNET
+
+    model = LatentDiffusion(build_unet(**{**TINY_UNET, "sample_size": 8}), FrozenAutoencoder(build_autoencoder(**TINY_AE)),
+                            ClassEmbedder(10, embed_dim=16), privacy=DifferentialPrivacy(epsilon=8.0))
+    encoded = []
+    monkeypatch.setattr(FrozenAutoencoder, "moments", lambda self, images: encoded.append(len(images)))
+    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, default_root_dir=tmp_path,
+                        use_distributed_sampler=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(ConfigError, match="sample_size"):
+        trainer.fit(model, cached(tmp_path, batch_size=16))
+    assert encoded == [] and not (tmp_path / "cache").exists()

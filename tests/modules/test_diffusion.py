@@ -105,3 +105,28 @@ def test_data_model_mismatches_name_the_field(tiny_model, dm, field):
 
 def test_compatible_data_passes(tiny_model):
     check_data_compatible(tiny_model, _DM())
+
+
+def _fit_on(model, dm, tmp_path):
+    L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, default_root_dir=tmp_path, limit_val_batches=0,
+              enable_progress_bar=False, enable_model_summary=False).fit(model, dm)
+
+
+def test_a_fit_on_private_data_without_dp_is_refused_unless_declared(tiny_vae, tmp_path):
+    from dpldm.datamodules import DigitsDataModule, GlyphsDataModule
+    from dpldm.modules import AutoencoderTraining
+
+    def model(**kw):
+        torch.manual_seed(0)
+        return LatentDiffusion(build_unet(**TINY_UNET), FrozenAutoencoder(tiny_vae), ClassEmbedder(10, 16), **kw)
+
+    digits = DigitsDataModule(image_size=8, batch_size=8)
+    with pytest.raises(ConfigError, match=r"model.init_args.privacy = None: DigitsDataModule is not marked public"):
+        _fit_on(model(), digits, tmp_path)
+    with pytest.raises(ConfigError, match="allow_non_private"):
+        _fit_on(AutoencoderTraining(tiny_vae), digits, tmp_path)
+    declared = model(allow_non_private=True)
+    _fit_on(declared, digits, tmp_path)  # a declared non-private baseline trains
+    assert declared.trainer.global_step == 1
+    glyphs = GlyphsDataModule(characters="0123456789", image_size=8, batch_size=8, num_train=16, num_val=8, num_test=8)
+    _fit_on(model(), glyphs, tmp_path)  # public data: no declaration needed

@@ -105,6 +105,43 @@ def test_training_stops_before_exceeding_the_target_epsilon(tmp_path):
     assert model.dp.accountant.steps == budget and model.dp.accountant.epsilon() <= eps * 1.0001
 
 
+def test_resuming_with_a_longer_plan_spends_only_the_budget_left(tmp_path):
+    """A run planned for 4 steps at epsilon 8, resumed with max_steps 12: sigma is recalibrated for the 8 steps
+    left after the accountant's history, so the whole run ends at or below 8 (it ended at 9.02 before)."""
+    import json
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    first = dp_model()
+    trainer(tmp_path / "a", 4, callbacks=[ckpt]).fit(first, data())
+    resumed = dp_model()
+    trainer(tmp_path / "b", 12, enable_checkpointing=False).fit(resumed, data(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    acc = resumed.dp.accountant
+    assert acc.steps == 12 and acc.epsilon() <= 8.0
+    (s1, q1, t1), (s2, q2, t2) = acc.history
+    assert (t1, t2) == (4, 8) and q1 == q2 and s2 > s1  # the longer plan needs more noise per step
+    report = json.load(open(next(tmp_path.glob("b/logs/version_*/privacy.json"))))
+    assert report["segments"] == [{"noise_multiplier": s, "sample_rate": q, "steps": t} for s, q, t in acc.history]
+    assert report["privacy/epsilon"] == pytest.approx(acc.epsilon()) and report["privacy/steps"] == 12
+
+
+def test_a_resume_with_no_budget_left_stops_and_says_so(tmp_path):
+    """Fixed sigma: the budget comes from the loaded history, so a longer plan stops at the same total."""
+    n = DigitsDataModule().num_train_samples
+    eps = epsilon_for(1.0, 16 / n, 3, 1 / (10 * n)) * 1.0001  # 3 steps at sigma = 1 fit, 4 do not
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer(tmp_path / "a", 3, callbacks=[ckpt]).fit(dp_model(noise_multiplier=1.0, epsilon=eps), data())
+    resumed = dp_model(noise_multiplier=1.0, epsilon=eps)
+    with pytest.warns(UserWarning, match="one more step would take epsilon past the target"):
+        trainer(tmp_path / "b", 10, enable_checkpointing=False).fit(resumed, data(),
+                                                                    ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert resumed.dp.accountant.steps == 3 and resumed.dp.accountant.epsilon() <= eps
+
+
+def test_a_fixed_sigma_too_small_for_one_step_fails_fast(tmp_path):
+    with pytest.raises(ConfigError, match=r"noise_multiplier = 0.1: is too small for even one step.*epsilon = 69\.6"):
+        trainer(tmp_path, 10, enable_checkpointing=False).fit(dp_model(noise_multiplier=0.1, epsilon=10.0), data())
+
+
 def test_distributed_sampler_must_be_off(tmp_path):
     t = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False)  # use_distributed_sampler defaults to True
     with pytest.raises(ConfigError, match="use_distributed_sampler"):

@@ -94,3 +94,19 @@ def test_secure_mode_trains_and_draws_fresh_noise(tmp_path):
         assert model.dp.accountant.steps == 2
         weights.append(torch.cat([p.detach().flatten() for p in model.trainable_parameters()]))
     assert not torch.equal(*weights)
+
+
+@pytest.mark.parametrize("declared", [False, True])
+def test_the_non_finite_count_stays_off_the_console_unless_declared(declared):
+    """How many private examples had a non-finite gradient is a statistic of the private data."""
+    import warnings
+
+    model = make_model(1)
+    engine = make_engine(model, 6)
+    model.privacy.log_private_metrics = declared
+    engine.nonfinite_examples = 3
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.on_train_end()
+    shown = [str(w.message) for w in caught if "not finite" in str(w.message)]
+    assert (len(shown) == 1 and shown[0].startswith("3 per-example")) if declared else shown == []
