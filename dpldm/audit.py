@@ -12,7 +12,8 @@ Steinke, Nasr & Jagielski, "Privacy Auditing with One (1) Training Run" (NeurIPS
 
 Two controls check the audit itself: the same run without DP (same trainable scope, steps, canaries and
 mask) must give a clearly positive bound; the DP run's scores tested against a fresh mask that training
-never saw must give about 0.
+never saw must give about 0. A control that shows no leakage (eps_lb ~0 or AUC ~0.5) means the audit proves
+nothing: the console and audit.json (``control_shows_leakage``, ``warnings``) say so, and how to strengthen it.
 
   dpldm audit --config configs/quickstart/finetune.yaml --out runs/audit [overrides ...]
 """
@@ -211,8 +212,8 @@ def run_audit(config: str, overrides: list[str], m: int = 256, seed: int = 0, ou
     rows = [evaluate("DP run", scores, included, delta, confidence,
                      report["privacy/epsilon"] if report else None, steps)]
     if control:
-        ctrl_args = [*overrides, "--model.init_args.privacy=null", *scope_override(model),
-                     f"--trainer.max_steps={steps}", "--trainer.max_epochs=-1"]
+        ctrl_args = [*overrides, "--model.init_args.privacy=null", "--model.init_args.allow_non_private=true",
+                     *scope_override(model), f"--trainer.max_steps={steps}", "--trainer.max_epochs=-1"]
         ctrl = build_cli(config, ctrl_args, os.path.join(out, "control"))
         start = time.perf_counter()
         ctrl_scores, _, _ = train_and_score(ctrl, canaries, included, seed, draws, t_range)
@@ -254,6 +255,27 @@ def table(rows: list[RunAudit]) -> str:
         lines.append(f"VIOLATION: eps_lb = {dp.result.eps_lb:.3f} > accountant epsilon = {dp.epsilon:.3f}: "
                      "the DP run leaks more than accounted (a bug), or this is the 1 - confidence chance.")
     return "\n".join(lines)
+
+
+def audit_warnings(rows: list[RunAudit], canary_scale: float) -> tuple[bool | None, list[str]]:
+    """Whether the non-private control shows leakage (``None``: no control ran), and the warnings to print
+    and record when it does not (then the audit proves nothing), with how to strengthen it.
+
+    Args:
+        rows: the audited runs (the DP run first).
+        canary_scale: the canaries' ``--canary-scale``, for the advice.
+    """
+    control = next((r for r in rows if r.name == "non-private control"), None)
+    if control is None:
+        return None, ["no non-private control was run (--no-control): nothing shows that this attack detects "
+                      "leakage at all, so the audit proves nothing; run it with the control"]
+    if stats.control_shows_leakage(control.result.eps_lb, control.auc):
+        return True, []
+    return False, [f"the non-private control shows no leakage (eps_lb = {control.result.eps_lb:.2f}, "
+                   f"AUC = {_fmt(control.auc)}): this audit proves nothing, since even without DP the attack could "
+                   "not tell included canaries from excluded ones. Strengthen it: train longer (--trainer.max_steps, "
+                   f"now {control.steps}), make the canaries stronger (--canary-scale, now {canary_scale:g}) or use "
+                   f"more of them (--canaries, now {control.result.m})"]
 
 
 def plot(rows: list[RunAudit], path: str) -> None:
@@ -324,10 +346,15 @@ def _main(argv: list[str]) -> list[RunAudit]:
     rows = run_audit(args.config, overrides, args.canaries, args.seed, args.out, args.confidence,
                      not args.no_control, args.draws, args.canary_scale, tuple(args.t_range))
     print("\n=== dpldm audit (Steinke, Nasr & Jagielski 2023: one training run)\n" + table(rows), flush=True)
+    leaks, alerts = audit_warnings(rows, args.canary_scale)
+    for alert in alerts:
+        print(f"\nWARNING: {alert}", flush=True)
     report = {"config": args.config, "overrides": overrides, "canaries": args.canaries, "seed": args.seed,
               "confidence": args.confidence, "draws": args.draws, "canary_scale": args.canary_scale,
               "t_range": list(args.t_range),
-              "included": int(rows[0].included.sum()), "caveat": CAVEAT, "runs": [r.as_dict() for r in rows]}
+              "included": int(rows[0].included.sum()), "caveat": CAVEAT,
+              "control_shows_leakage": leaks, "warnings": alerts,
+              "runs": [r.as_dict() for r in rows]}
     with open(os.path.join(args.out, "audit.json"), "w") as f:
         json.dump(report, f, indent=1)
     plot(rows, os.path.join(args.out, "audit.png"))

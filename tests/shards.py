@@ -1,4 +1,5 @@
-"""Tiny img2dataset-style webdataset shards for tests: ``KEY.jpg|png`` + ``KEY.txt`` + ``KEY.json``."""
+"""Tiny img2dataset-style webdataset shards for tests: ``KEY.jpg|png`` + ``KEY.txt`` + ``KEY.json``, optionally
+with img2dataset's ``NNNNN_stats.json`` sidecars; and a helper that truncates a shard."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def encode(pixels: np.ndarray, fmt: str) -> bytes:
 
 def write_shards(root: Path, num_shards: int = 2, per_shard: int = 6, size: int = 40,
                  corrupt: Sequence[str] = (), no_caption: Sequence[str] = (),
-                 empty_shard: bool = False, seed: int = 0) -> list[str]:
+                 empty_shard: bool = False, seed: int = 0, stats_json: bool = False) -> list[str]:
     """Write ``root/shard-00000.tar, ...``; keys ``000000, 000001, ...`` count across shards.
 
     Each record is a random RGB image of ``size x (size + 8)`` (H x W; non-square, so the
@@ -48,6 +49,8 @@ def write_shards(root: Path, num_shards: int = 2, per_shard: int = 6, size: int 
         no_caption: keys written without a ``.txt`` member.
         empty_shard: also write one last shard with no member at all.
         seed: seed of the random pixels.
+        stats_json: also write img2dataset's sidecar ``shard-NNNNN_stats.json`` per shard (its
+            ``successes`` is the number of records written to the tar).
 
     Returns:
         the shard paths, in order.
@@ -67,5 +70,31 @@ def write_shards(root: Path, num_shards: int = 2, per_shard: int = 6, size: int 
                 if key not in no_caption:
                     _add(tar, f"{key}.txt", caption(index).encode())
                 _add(tar, f"{key}.json", json.dumps({"key": key}).encode())
+        if stats_json:
+            write_stats_json(path, per_shard if shard < num_shards else 0)
         paths.append(str(path))
     return paths
+
+
+def write_stats_json(shard: Path, successes: int) -> str:
+    """Write img2dataset's sidecar of ``NAME.tar``: ``NAME_stats.json`` (the fields img2dataset's
+    ``write_stats`` writes; ``successes`` records were written to the tar)."""
+    path = Path(str(shard)[:-len(".tar")] + "_stats.json")
+    path.write_text(json.dumps({"count": successes + 1, "successes": successes, "failed_to_download": 1,
+                                "failed_to_resize": 0, "duration": 1.5, "status_dict": {"success": successes}}))
+    return str(path)
+
+
+def truncate(shard: str, out: Path, member: int, inside: bool = True) -> str:
+    """Copy the first bytes of a tar shard to ``out``: cut half-way into the data of member
+    ``member`` (``inside``: reading fails there) or just before its header (the tar then ends
+    early without any error).
+
+    Returns:
+        ``out``, as a string.
+    """
+    with tarfile.open(shard) as tar:
+        info = tar.getmembers()[member]
+    end = info.offset_data + info.size // 2 if inside else info.offset
+    Path(out).write_bytes(Path(shard).read_bytes()[:end])
+    return str(out)

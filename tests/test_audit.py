@@ -127,6 +127,50 @@ def test_the_cli_prints_the_table_and_writes_json_and_plot(audit_run):
     assert not (run / "dp" / "samples").exists()  # the config's sample callback was dropped
 
 
+def test_a_control_that_leaks_raises_no_warning(audit_run):
+    _, text, report = audit_run
+    assert report["control_shows_leakage"] is True and report["warnings"] == []
+    assert "WARNING" not in text
+
+
+def fake_rows(control_leaks: bool | None) -> list:
+    """Audit rows from synthetic scores: a DP run at chance, a control that leaks or not (None: no control)."""
+    from dpldm.audit import evaluate
+
+    rng = np.random.default_rng(0)
+    included, fresh = rng.random(64) < 0.5, rng.random(64) < 0.5
+    noise = rng.normal(0, 1, 64)
+    rows = [evaluate("DP run", noise, included, 1e-5, 0.95, 3.0, 60)]
+    if control_leaks is not None:
+        scores = included + rng.normal(0, 0.1, 64) if control_leaks else rng.normal(0, 1, 64)
+        rows.append(evaluate("non-private control", scores, included, 1e-5, 0.95, float("inf"), 60))
+    return rows + [evaluate("negative control", noise, fresh, 1e-5, 0.95, 0.0, 0)]
+
+
+@pytest.mark.parametrize("control_leaks", [False, None])
+def test_a_control_without_leakage_warns_on_the_console_and_in_the_json(control_leaks, tmp_path, monkeypatch, capsys):
+    from dpldm import audit
+
+    monkeypatch.setattr(audit, "run_audit", lambda *a, **k: fake_rows(control_leaks))
+    audit.main(["--config", __file__, "--out", str(tmp_path), "--canaries", "64", "--canary-scale", "2"])
+    text = capsys.readouterr().out
+    report = json.loads((tmp_path / "audit.json").read_text())
+    assert report["control_shows_leakage"] is control_leaks and len(report["warnings"]) == 1
+    warning = report["warnings"][0]
+    assert f"WARNING: {warning}" in text and "proves nothing" in warning
+    if control_leaks is None:
+        assert "--no-control" in warning
+    else:  # the control's numbers, and how to strengthen the audit (with the settings in use)
+        control = _row(report, "non-private control")
+        assert f"eps_lb = {control['eps_lb']:.2f}" in warning and f"AUC = {control['auc']:.2f}" in warning
+        for advice in ("--trainer.max_steps", "60", "--canary-scale", "2", "--canaries", "64"):
+            assert advice in warning, advice
+    monkeypatch.setattr(audit, "run_audit", lambda *a, **k: fake_rows(True))
+    audit.main(["--config", __file__, "--out", str(tmp_path)])
+    assert "WARNING" not in capsys.readouterr().out
+    assert json.loads((tmp_path / "audit.json").read_text())["warnings"] == []
+
+
 def tiny_dp_model() -> LatentDiffusion:
     torch.manual_seed(0)
     dp = DifferentialPrivacy(epsilon=None, noise_multiplier=1.0, seed=0, max_physical_batch_size=64)

@@ -5,8 +5,9 @@ caption) and optionally ``KEY.json`` (ignored). Items are
 ``{"image": FloatTensor[3, S, S] in [-1, 1], "caption": str, "key": str}``: the shorter side
 is resized to ``S`` (bicubic), the centre ``S x S`` cropped, intensities mapped by the fixed
 affine ``x / 127.5 - 1``. Bad records and shards are skipped and counted in a
-:class:`SkipStats` shared by all DataLoader workers; a stream fails when too many records
-were bad. The size of a stream is unknown, so DP stages must read through the latent cache,
+:class:`SkipStats` shared by all DataLoader workers, with the records lost in unreadable or
+short shards (from img2dataset's ``NNNNN_stats.json`` when present, else estimated: see
+:mod:`dpldm.datamodules.skip_stats`); a stream fails when too many records were bad or lost. The size of a stream is unknown, so DP stages must read through the latent cache,
 which :meth:`LaionDataModule.cache_dataset` feeds.
 """
 
@@ -14,8 +15,9 @@ from __future__ import annotations
 
 import glob
 import io
+import json
 import logging
-import multiprocessing
+import os
 import random
 import re
 from typing import Optional, Union
@@ -29,120 +31,27 @@ from torch.utils.data import DataLoader, IterableDataset
 from webdataset.shardlists import expand_urls as wds_expand_urls
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from dpldm.datamodules.skip_stats import (  # noqa: F401  (re-exported: the reasons, SkipStats)
+    CAPTION_EXTENSION, EMPTY_SHARD, GOOD, IMAGE_EXTENSIONS, MAX_BAD_FIELD, MISSING_CAPTION, MISSING_IMAGE,
+    RECORD_REASONS, SHARD_REASONS, SHORT_SHARD, STREAMS_DONE, UNDECODABLE_IMAGE, UNREADABLE_SHARD, SkipStats,
+)
 from dpldm.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-# Why a record or shard was skipped. Record reasons count toward the bad fraction; shard
-# reasons do not (an empty or unreadable shard holds no records to count).
-MISSING_IMAGE = "missing_image"
-UNDECODABLE_IMAGE = "undecodable_image"
-MISSING_CAPTION = "missing_caption"
-EMPTY_SHARD = "empty_shard"
-UNREADABLE_SHARD = "unreadable_shard"
-RECORD_REASONS = (MISSING_IMAGE, UNDECODABLE_IMAGE, MISSING_CAPTION)
-SHARD_REASONS = (EMPTY_SHARD, UNREADABLE_SHARD)
-_GOOD, _STREAMS_DONE = "good", "streams_done"  # the other two slots of the shared counter
-_SLOTS = RECORD_REASONS + SHARD_REASONS + (_GOOD, _STREAMS_DONE)
-
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # first one present in a sample is used
-CAPTION_EXTENSION = "txt"
 EARLY_CHECK_RECORDS = 1000  # fail mid-stream once this many records were seen and too many were bad
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")  # pipe:, file:, s3://, gs://, http(s)://, ...
-MAX_BAD_FIELD = "data.init_args.max_bad_fraction"
+FIELD = "data.init_args"  # where a LaionDataModule's arguments sit in a config of its own
 
 
-class SkipStats:
-    """Counts of used and skipped records, shared by every DataLoader worker of one dataset.
-
-    The counters live in a ``multiprocessing`` shared array created in the main process; the
-    dataset (and with it this object) is handed to worker processes at their creation (under
-    fork, spawn and forkserver), so every worker adds to the same counts. Counts accumulate
-    over passes (epochs) until :meth:`reset`.
-
-    Args:
-        source: the shards, in words, for error messages (e.g. ``"shards/{00000..00009}.tar"``).
-    """
-
-    def __init__(self, source: str = "the shards"):
-        self.source = source
-        # A lock made in a spawn context is inherited under fork and pickled under spawn and
-        # forkserver; one made in a fork context refuses the latter two.
-        self._array = multiprocessing.get_context("spawn").Array("q", len(_SLOTS))
-
-    def add(self, slot: str, n: int = 1) -> int:
-        """Add ``n`` to one counter (a reason in :data:`RECORD_REASONS` / :data:`SHARD_REASONS`)
-        and return its new value, atomically across processes."""
-        with self._array.get_lock():
-            self._array[_SLOTS.index(slot)] += n
-            return int(self._array[_SLOTS.index(slot)])
-
-    def _get(self, slot: str) -> int:
-        return int(self._array[_SLOTS.index(slot)])
-
-    @property
-    def counts(self) -> dict[str, int]:
-        """Skips per reason, for all five reasons."""
-        return {reason: self._get(reason) for reason in RECORD_REASONS + SHARD_REASONS}
-
-    @property
-    def good(self) -> int:
-        """Records yielded."""
-        return self._get(_GOOD)
-
-    @property
-    def seen(self) -> int:
-        """Records read, good and bad (empty/unreadable shards hold none)."""
-        return self.good + sum(self._get(reason) for reason in RECORD_REASONS)
-
-    @property
-    def bad_fraction(self) -> float:
-        """Fraction of the records read that were skipped (0 before any was read)."""
-        seen = self.seen
-        return (seen - self.good) / seen if seen else 0.0
-
-    def summary(self) -> str:
-        """One line, e.g. ``1,998 of 2,000 records used; skipped: 1 undecodable_image; 0 empty shards, ...``."""
-        counts = self.counts
-        skipped = ", ".join(f"{counts[r]:,} {r}" for r in RECORD_REASONS if counts[r]) or "none"
-        return (f"{self.good:,} of {self.seen:,} records used; skipped: {skipped}; "
-                f"{counts[EMPTY_SHARD]:,} empty shards, {counts[UNREADABLE_SHARD]:,} unreadable shards")
-
-    def reset(self) -> None:
-        """Zero every counter."""
-        with self._array.get_lock():
-            self._array[:] = [0] * len(_SLOTS)
-
-    def check(self, max_bad_fraction: float, require_good: bool = True) -> None:
-        """Raise when too many records were bad, or (``require_good``) when none was good.
-
-        Args:
-            max_bad_fraction: the largest tolerated fraction of bad records.
-            require_good: also fail when no good record at all was read.
-
-        Raises:
-            ValueError: a :class:`ConfigError` naming ``data.init_args.max_bad_fraction``, the
-                fraction found and the counts; or a ``ValueError`` naming the shards.
-        """
-        if require_good and self.good == 0:
-            raise ValueError(
-                f"no usable image-caption record was read from {self.source} ({self.summary()}); "
-                f"check the shard paths/URLs and that samples hold an image "
-                f"(.{', .'.join(IMAGE_EXTENSIONS)}) and a .{CAPTION_EXTENSION} caption")
-        if self.bad_fraction > max_bad_fraction:
-            raise ConfigError(MAX_BAD_FIELD, max_bad_fraction,
-                              f"exceeded: {self.bad_fraction:.2%} of the records read from {self.source} "
-                              f"were bad ({self.summary()}); repair or drop those shards, or raise the bound")
-
-
-def _check_settings(image_size: int, shuffle_buffer: int, max_bad_fraction: float) -> None:
-    """Reject bad dataset settings with the config field at fault."""
+def _check_settings(image_size: int, shuffle_buffer: int, max_bad_fraction: float, field: str = FIELD) -> None:
+    """Reject bad dataset settings with the config field at fault (under the key ``field``)."""
     if image_size < 8:
-        raise ConfigError("data.init_args.image_size", image_size, "must be >= 8")
+        raise ConfigError(f"{field}.image_size", image_size, "must be >= 8")
     if shuffle_buffer < 0:
-        raise ConfigError("data.init_args.shuffle_buffer", shuffle_buffer, "must be >= 0 (0: no shuffle)")
+        raise ConfigError(f"{field}.shuffle_buffer", shuffle_buffer, "must be >= 0 (0: no shuffle)")
     if not 0 <= max_bad_fraction < 1:
-        raise ConfigError(MAX_BAD_FIELD, max_bad_fraction, "must satisfy 0 <= max_bad_fraction < 1")
+        raise ConfigError(f"{field}.max_bad_fraction", max_bad_fraction, "must satisfy 0 <= max_bad_fraction < 1")
 
 
 def load_image(data: bytes, size: int) -> torch.Tensor:
@@ -179,6 +88,32 @@ def open_shard(url: str):
     return fsspec.open(url, "rb").open()
 
 
+def read_sidecar(url: str) -> Optional[int]:
+    """The records img2dataset wrote to shard ``NAME.tar``: ``successes`` in its ``NAME_stats.json``.
+
+    ``None`` without a readable sidecar (other writers, ``pipe:`` URLs, a missing local file). Remote
+    shards cost one more small request each.
+
+    Args:
+        url: the shard's path or URL.
+    """
+    if not url.endswith(".tar") or url.startswith("pipe:"):
+        return None
+    path = url[:-len(".tar")] + "_stats.json"
+    if _SCHEME.match(path) is None and not os.path.isfile(path):
+        return None
+    try:
+        stream = open_shard(path)
+        try:
+            successes = int(json.load(stream)["successes"])
+        finally:
+            stream.close()
+    except Exception as err:  # unreadable, not JSON, no successes, a failed pipe...
+        logger.debug("no usable img2dataset stats for %s: %s: %s", url, type(err).__name__, err)
+        return None
+    return successes if successes >= 0 else None
+
+
 def _describe(urls: list[str]) -> str:
     """A short name for a list of shards, for messages."""
     return urls[0] if len(urls) == 1 else f"{len(urls)} shards {urls[0]} ... {urls[-1]}"
@@ -200,28 +135,32 @@ class WebImageTextDataset(IterableDataset):
         shuffle_buffer: samples held for shuffling; 0 keeps the order deterministic.
         seed: seed of the shard and sample shuffles.
         split_by_node: give each rank its own shards (off for a pass that must see all shards).
-        max_bad_fraction: the largest tolerated fraction of bad records, in ``[0, 1)``.
+        max_bad_fraction: the largest tolerated fraction of bad and lost records, in ``[0, 1)``
+            (records lost with unreadable shards count: see :mod:`dpldm.datamodules.skip_stats`).
+        field: the config key holding these settings, for errors (``data.init_args``, or
+            ``data.init_args.source.init_args`` under a latent cache).
     """
 
     def __init__(self, urls: list[str], image_size: int, shuffle_buffer: int = 0, seed: int = 0,
-                 split_by_node: bool = True, max_bad_fraction: float = 0.01):
+                 split_by_node: bool = True, max_bad_fraction: float = 0.01, field: str = FIELD):
         super().__init__()
-        _check_settings(image_size, shuffle_buffer, max_bad_fraction)
+        _check_settings(image_size, shuffle_buffer, max_bad_fraction, field)
         if not urls:
             raise ValueError("WebImageTextDataset needs at least one shard URL")
         self.urls, self.image_size, self.shuffle_buffer = list(urls), image_size, shuffle_buffer
         self.seed, self.split_by_node, self.max_bad_fraction = seed, split_by_node, max_bad_fraction
         self.epoch = 0
-        self.stats = SkipStats(_describe(self.urls))
+        self._index = {url: i for i, url in reversed(list(enumerate(self.urls)))}  # first place of each shard
+        self.stats = SkipStats(_describe(self.urls), len(self.urls), f"{field}.max_bad_fraction")
 
     def set_epoch(self, epoch: int) -> None:
         """Use ``epoch`` for the next pass's shuffle (in the process that iterates)."""
         self.epoch = epoch
 
     def _samples(self, shards):
-        """Raw samples (dicts of encoded members) of each shard; counts empty/unreadable shards."""
+        """Raw samples (dicts of encoded members) of each shard; counts each shard read and its losses."""
         for shard in shards:
-            url, count = shard["url"], 0
+            url, count, failed = shard["url"], 0, False
             try:
                 stream = open_shard(url)
                 try:
@@ -231,13 +170,19 @@ class WebImageTextDataset(IterableDataset):
                 finally:
                     stream.close()  # a failed pipe (curl, aws s3 cp) reports its exit status here
             except Exception as err:  # missing file, bad tar, truncated download, failed pipe, ...
-                self.stats.add(UNREADABLE_SHARD)
+                failed = True
                 logger.warning("skipping unreadable shard %s after %d samples: %s: %s",
                                url, count, type(err).__name__, err)
-            else:
-                if count == 0:
-                    self.stats.add(EMPTY_SHARD)
-                    logger.warning("shard %s holds no samples", url)
+            self._shard_done(url, count, failed)
+
+    def _shard_done(self, url: str, count: int, failed: bool) -> None:
+        """Count one read of shard ``url`` (and the records it lost), warn about an empty or short one."""
+        expected = read_sidecar(url)
+        if not failed and count == 0:
+            logger.warning("shard %s holds no samples", url)
+        elif not failed and expected is not None and count < expected:
+            logger.warning("shard %s ended after %d samples; its img2dataset stats list %d", url, count, expected)
+        self.stats.shard_read(self._index[url], count, failed, expected)
 
     def _item(self, sample: dict) -> Optional[dict]:
         """The item of one raw sample, or ``None`` (counted) when it is bad."""
@@ -249,7 +194,7 @@ class WebImageTextDataset(IterableDataset):
                 pixels = load_image(image, self.image_size)
             except Exception:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
                 reason = UNDECODABLE_IMAGE
-        self.stats.add(reason or _GOOD)
+        self.stats.add(reason or GOOD)
         return None if reason else {"image": pixels, "caption": caption, "key": sample["__key__"]}
 
     def __iter__(self):
@@ -272,7 +217,7 @@ class WebImageTextDataset(IterableDataset):
             if self.stats.seen >= EARLY_CHECK_RECORDS:
                 self.stats.check(self.max_bad_fraction, require_good=False)
         # The last stream of this pass to end also fails when no worker read a good record.
-        last = self.stats.add(_STREAMS_DONE) % num_workers == 0
+        last = self.stats.add(STREAMS_DONE) % num_workers == 0
         self.stats.check(self.max_bad_fraction, require_good=last)
         if last:
             logger.info("%s: %s", self.stats.source, self.stats.summary())
@@ -322,11 +267,15 @@ class LaionDataModule(pl.LightningDataModule):
         batch_size: examples per batch (>= 1).
         num_workers: DataLoader worker processes (>= 0); shards are split among them.
         shuffle_buffer: training samples held for shuffling (0: deterministic order).
-        max_bad_fraction: the largest tolerated fraction of bad records, in ``[0, 1)``.
+        max_bad_fraction: the largest tolerated fraction of bad records and of records lost with
+            unreadable shards, in ``[0, 1)``.
         seed: seed of the training shuffle.
     """
 
     channels = 3
+    # The config key of this module's arguments, named by errors raised after construction: a
+    # LatentCacheDataModule whose source this is sets it to ``data.init_args.source.init_args``.
+    config_prefix = FIELD
 
     def __init__(self, train_shards: str, val_shards: Optional[str] = None, image_size: int = 256,
                  batch_size: int = 64, num_workers: int = 0, shuffle_buffer: int = 1000,
@@ -343,10 +292,11 @@ class LaionDataModule(pl.LightningDataModule):
         self.train_dataset: Optional[WebImageTextDataset] = None
         self.val_dataset: Optional[WebImageTextDataset] = None
 
-    def _dataset(self, spec: str, field: str, shuffle_buffer: int, split_by_node: bool) -> WebImageTextDataset:
-        return WebImageTextDataset(expand_urls(spec, field), self.image_size, shuffle_buffer=shuffle_buffer,
-                                   seed=self.seed, split_by_node=split_by_node,
-                                   max_bad_fraction=self.max_bad_fraction)
+    def _dataset(self, spec: str, name: str, shuffle_buffer: int, split_by_node: bool) -> WebImageTextDataset:
+        """The stream of the shards of argument ``name`` (``train_shards``/``val_shards``) = ``spec``."""
+        return WebImageTextDataset(expand_urls(spec, f"{self.config_prefix}.{name}"), self.image_size,
+                                   shuffle_buffer=shuffle_buffer, seed=self.seed, split_by_node=split_by_node,
+                                   max_bad_fraction=self.max_bad_fraction, field=self.config_prefix)
 
     def setup(self, stage: Optional[str] = None) -> None:
         """Expand the shard specs and build the streams the stage needs (kept once built).
@@ -358,10 +308,10 @@ class LaionDataModule(pl.LightningDataModule):
             stage: Lightning stage, or ``None`` for all.
         """
         if stage in ("fit", None) and self.train_dataset is None:
-            self.train_dataset = self._dataset(self.train_shards, "data.init_args.train_shards",
+            self.train_dataset = self._dataset(self.train_shards, "train_shards",
                                                self.shuffle_buffer, split_by_node=True)
         if stage in ("fit", "validate", None) and self.val_shards is not None and self.val_dataset is None:
-            self.val_dataset = self._dataset(self.val_shards, "data.init_args.val_shards", 0, split_by_node=False)
+            self.val_dataset = self._dataset(self.val_shards, "val_shards", 0, split_by_node=False)
 
     def cache_dataset(self) -> WebImageTextDataset:
         """A fresh deterministic full pass over the training shards, for the latent cache.
@@ -370,7 +320,7 @@ class LaionDataModule(pl.LightningDataModule):
         every shard, in shard then member order (interleaved by batch across ``num_workers``
         workers; a resumed cache build with other batching or workers starts over).
         """
-        return self._dataset(self.train_shards, "data.init_args.train_shards", 0, split_by_node=False)
+        return self._dataset(self.train_shards, "train_shards", 0, split_by_node=False)
 
     def _loader(self, dataset: WebImageTextDataset) -> DataLoader:
         # default_collate stacks images to (B, 3, S, S) and gathers captions/keys into lists.

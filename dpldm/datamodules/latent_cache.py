@@ -113,6 +113,8 @@ class LatentCacheDataModule(ImageDataModule):
         for name, value in (("encode_batch_size", encode_batch_size), ("chunk_size", chunk_size)):
             if value < 1:
                 raise ConfigError(f"{FIELD}.{name}", value, "must be >= 1")
+        if hasattr(source, "config_prefix"):  # the source's later errors name its keys under this module
+            source.config_prefix = f"{FIELD}.source.init_args"
         self.source, self.cache_dir, self.flip_views = source, str(cache_dir), flip_views
         self.dtype, self.on_mismatch = dtype, on_mismatch
         self.encode_batch_size, self.chunk_size = encode_batch_size, chunk_size
@@ -130,6 +132,19 @@ class LatentCacheDataModule(ImageDataModule):
     @property
     def num_classes(self) -> int | None:  # type: ignore[override]
         return getattr(self.source, "num_classes", None)
+
+    @property
+    def public(self) -> bool:  # type: ignore[override]
+        return getattr(self.source, "public", False)
+
+    @property
+    def planned_num_train_samples(self) -> int | None:
+        """N, the records the cache will hold (one per training image of the source), known before it is built
+        when the source has a known size (a stream of shards has none); the training set's own size once it
+        exists (e.g. with an audit's canaries added)."""
+        if self.train_dataset is not None:
+            return len(self.train_dataset)
+        return self.source.num_train_samples if hasattr(self.source, "num_train_samples") else None
 
     def expected_meta(self, model: torch.nn.Module) -> dict:
         """Format, views, dtype and fingerprints a cache for ``model`` must have."""
@@ -186,6 +201,8 @@ class LatentCacheDataModule(ImageDataModule):
         """Prepare the source (validation and test read it), then build the cache when missing or interrupted."""
         self.source.prepare_data()
         if self._model() is not None:
+            if hasattr(self._model(), "preflight"):  # shapes, privacy settings, delta vs N: before hours of encoding
+                self._model().preflight(self)
             self._expected = self.expected_meta(self._model())  # setup() of the same fit reuses it
             self.build(self._model(), expected=self._expected)
 

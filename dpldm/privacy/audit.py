@@ -169,6 +169,26 @@ def one_run_audit(scores: Sequence[float], included: Sequence[bool], delta: floa
     return best
 
 
+# The non-private control must show leakage, or the audit proves nothing (the attack could not tell the
+# included canaries from the excluded ones even without DP): a bound of at least MIN_CONTROL_EPS_LB and a
+# membership AUC of at least MIN_CONTROL_AUC.
+MIN_CONTROL_EPS_LB = 0.1
+MIN_CONTROL_AUC = 0.55
+
+
+def control_shows_leakage(eps_lb: float, auc: float) -> bool:
+    """Whether the non-private control's numbers show that the attack detects membership at all.
+
+    A control whose bound is ~0, or whose AUC is ~0.5 (or below, or undefined), shows none: then a small
+    bound of the DP run is no evidence of privacy, only of a weak attack.
+
+    Args:
+        eps_lb: the control's epsilon lower bound.
+        auc: the control's membership AUC (NaN when undefined).
+    """
+    return eps_lb >= MIN_CONTROL_EPS_LB and auc >= MIN_CONTROL_AUC  # NaN AUC: False
+
+
 def membership_auc(scores: Sequence[float], labels: Sequence[bool]) -> float:
     """ROC AUC of the threshold attack "member iff score > tau" (NaN when one class is missing).
 

@@ -1,4 +1,4 @@
-"""LaionDataModule / WebImageTextDataset: crop and scaling, skip counting across workers,
+"""LaionDataModule / WebImageTextDataset: crop and scaling, skip and loss counting across workers,
 order and shuffle, shard expansion, node splitting and the cache pass."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dpldm.datamodules import LaionDataModule, WebImageTextDataset
 from dpldm.datamodules import laion
 from dpldm.datamodules.laion import SkipStats, expand_urls
 from dpldm.errors import ConfigError
-from tests.shards import caption, encode, write_shards
+from tests.shards import caption, encode, truncate, write_shards
 
 ALL_KEYS = [f"{i:06d}" for i in range(12)]  # write_shards' default: 2 shards x 6
 
@@ -65,23 +65,104 @@ def test_items_are_scaled_center_crops_with_captions(tmp_path):
 
 def test_bad_records_and_shards_are_skipped_and_counted(tmp_path):
     shards = write_shards(tmp_path, corrupt=["000003"], no_caption=["000007"], empty_shard=True)
-    truncated = tmp_path / "truncated.tar"
-    with tarfile.open(shards[0]) as tar:  # cut inside the image of the second record
-        member = tar.getmembers()[3]
-    truncated.write_bytes(Path(shards[0]).read_bytes()[:member.offset_data + member.size // 2])
+    # cut inside the image of the second record: the first one was never yielded either (a sample is
+    # complete only once the next key starts), so the whole shard is lost
+    truncated = truncate(shards[0], tmp_path / "truncated.tar", member=3)
     no_image = write_tar(tmp_path / "no_image.tar", {"x.txt": b"caption only", "x.json": b"{}"})
-    ds = WebImageTextDataset(shards + [str(truncated), str(tmp_path / "missing.tar"), no_image],
-                             image_size=8, max_bad_fraction=0.5)
+    ds = WebImageTextDataset(shards + [truncated, str(tmp_path / "missing.tar"), no_image],
+                             image_size=8, max_bad_fraction=0.7)
     assert keys(ds) == [k for k in ALL_KEYS if k not in ("000003", "000007")]
     assert ds.stats.counts == {"missing_image": 1, "undecodable_image": 1, "missing_caption": 1,
-                               "empty_shard": 1, "unreadable_shard": 2}
-    assert (ds.stats.good, ds.stats.seen) == (10, 13)
-    assert ds.stats.bad_fraction == pytest.approx(3 / 13)
+                               "empty_shard": 1, "unreadable_shard": 2, "short_shard": 0}
+    # 6 records lost per unreadable shard: the median size of the shards read whole (6, 6 and 1;
+    # the empty one holds none), minus the 0 samples each yielded
+    assert (ds.stats.good, ds.stats.seen, ds.stats.lost, ds.stats.expected) == (10, 13, 12, 25)
+    assert ds.stats.bad_fraction == pytest.approx((3 + 12) / 25)
     summary = ds.stats.summary()
-    assert "10 of 13 records used" in summary and "1 undecodable_image" in summary
-    assert "1 empty shards" in summary and "2 unreadable shards" in summary
+    assert "10 of 25 records used" in summary and "1 undecodable_image" in summary
+    assert "lost: 12 in 2 unreadable shards (12 estimated from the median shard size)" in summary
+    assert "1 empty shard" in summary
     ds.stats.reset()
-    assert ds.stats.seen == 0 and sum(ds.stats.counts.values()) == 0
+    assert ds.stats.seen == ds.stats.lost == 0 and sum(ds.stats.counts.values()) == 0
+
+
+def garbage(path) -> str:
+    path.write_bytes(b"<html>403 Forbidden</html>" * 40)  # e.g. an error page saved as a shard
+    return str(path)
+
+
+def test_records_of_an_unreadable_shard_count_against_the_bound(tmp_path):
+    shards = write_shards(tmp_path, num_shards=3, per_shard=4)
+    garbage(Path(shards[0]))  # first, so its size is estimated from shards read after it
+    with pytest.raises(ConfigError) as info:  # 4 of 12 expected records lost = 33.33% > 20%
+        list(WebImageTextDataset(shards, image_size=8, max_bad_fraction=0.2))
+    message = str(info.value)
+    assert info.value.field == "data.init_args.max_bad_fraction" and "33.33%" in message
+    assert "8 of 12 records used; skipped: none; lost: 4 in 1 unreadable shard" in message
+    ds = WebImageTextDataset(shards, image_size=8, max_bad_fraction=0.4)
+    assert keys(ds) == ALL_KEYS[4:] and ds.stats.bad_fraction == pytest.approx(1 / 3)
+
+
+def test_img2dataset_stats_json_gives_the_exact_loss_and_reveals_a_short_shard(tmp_path):
+    shards = write_shards(tmp_path, stats_json=True)  # shard-0000N.tar + shard-0000N_stats.json: 6 successes each
+    # inside record 3: records 0-1 yielded, then an error (record 2 was still waiting for the next key)
+    truncate(shards[0], Path(shards[0]), member=9)
+    truncate(shards[1], Path(shards[1]), member=12, inside=False)  # before record 10: ends early, no error
+    ds = WebImageTextDataset(shards, image_size=8, max_bad_fraction=0.5)
+    assert keys(ds) == ALL_KEYS[:2] + ALL_KEYS[6:10]
+    assert (ds.stats.good, ds.stats.lost, ds.stats.expected) == (6, 6, 12)
+    assert ds.stats.counts["unreadable_shard"] == 1 and ds.stats.counts["short_shard"] == 1
+    summary = ds.stats.summary()
+    assert "6 of 12 records used" in summary and "lost: 6 in 1 unreadable and 1 short shards;" in summary
+    assert "estimated" not in summary
+    # Without the sidecars the short shard looks whole, and its 4 records are the median size.
+    for shard in shards:
+        Path(shard[:-len(".tar")] + "_stats.json").unlink()
+    ds = WebImageTextDataset(shards, image_size=8, max_bad_fraction=0.5)
+    assert keys(ds) == ALL_KEYS[:2] + ALL_KEYS[6:10] and (ds.stats.lost, ds.stats.expected) == (2, 8)
+    assert "lost: 2 in 1 unreadable shard (2 estimated from the median shard size)" in ds.stats.summary()
+
+
+def test_loss_estimate_rules():
+    stats = SkipStats(num_shards=4)
+    stats.shard_read(0, 5, failed=True)  # 5 yielded, then an error
+    assert stats.lost == 1  # no shard size known yet: at least one record was lost
+    stats.shard_read(1, 4, failed=False)
+    stats.shard_read(2, 4, failed=False)
+    assert stats.lost == 1  # the median size 4 is below the 5 read: still at least one
+    stats.shard_read(3, 0, failed=True)
+    assert stats.lost == 1 + 4 and stats.counts["unreadable_shard"] == 2
+    stats.shard_read(3, 2, failed=True)  # another pass fails on shard 3 again: 4 - 2 more
+    stats.shard_read(1, 3, failed=True, expected=4)  # with a sidecar: exactly 4 - 3
+    assert stats.lost == 1 + 4 + 2 + 1
+    stats.shard_read(2, 4, failed=False, expected=4)  # whole, as its sidecar says: nothing lost
+    assert stats.lost == 8 and stats.counts["short_shard"] == 0
+    stats.shard_read(2, 3, failed=False, expected=4)  # ends early without an error: short by one
+    assert stats.lost == 9 and stats.counts["short_shard"] == 1
+    stats.reset()
+    assert stats.lost == 0 and stats.summary().startswith("0 of 0 records used; skipped: none; lost: none")
+    stats.shard_read(0, 0, failed=True)
+    assert stats.lost == 1
+
+
+def test_errors_name_the_key_under_a_latent_cache(tmp_path):
+    from dpldm.datamodules import LatentCacheDataModule
+
+    write_shards(tmp_path, corrupt=["000000", "000001"])  # 2 of 12 bad: more than 10%
+    alone = LaionDataModule(train_shards=f"{tmp_path}/*.tar", image_size=8, max_bad_fraction=0.1)
+    with pytest.raises(ConfigError) as info:
+        list(alone.cache_dataset())
+    assert info.value.field == "data.init_args.max_bad_fraction"
+    source = LaionDataModule(train_shards=f"{tmp_path}/*.tar", image_size=8, max_bad_fraction=0.1)
+    LatentCacheDataModule(source=source, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ConfigError) as info:
+        list(source.cache_dataset())
+    assert info.value.field == "data.init_args.source.init_args.max_bad_fraction"
+    assert str(info.value).startswith("data.init_args.source.init_args.max_bad_fraction = 0.1: exceeded")
+    source.train_shards = f"{tmp_path}/none-*.tar"
+    with pytest.raises(ConfigError) as info:
+        source.cache_dataset()
+    assert info.value.field == "data.init_args.source.init_args.train_shards"
 
 
 def test_check_names_the_bound_and_fails_on_no_good_record(tmp_path):
@@ -128,8 +209,11 @@ def test_two_workers_see_each_good_record_once_and_share_counts(tmp_path, shuffl
     assert sorted(seen) == [f"{i:06d}" for i in range(12) if i not in (2, 9)]
     # Counted in the worker processes, read in the main one.
     assert ds.stats.counts == {"missing_image": 0, "undecodable_image": 1, "missing_caption": 1,
-                               "empty_shard": 1, "unreadable_shard": 1}
+                               "empty_shard": 1, "unreadable_shard": 1, "short_shard": 0}
     assert ds.stats.good == 10 and ds.stats.seen == 12
+    # the missing shard was read in a worker, the whole ones in either: its 4 lost records still come
+    # from the median size
+    assert ds.stats.lost == 4 and "10 of 16 records used" in ds.stats.summary()
 
 
 def test_order_is_fixed_without_shuffle_and_seeded_with_it(tmp_path):

@@ -7,7 +7,8 @@ import pytest
 
 from dpldm.errors import ConfigError
 from dpldm.privacy.audit import (
-    default_guesses, epsilon_lower_bound, membership_auc, one_run_audit, p_value, tpr_at_fpr,
+    MIN_CONTROL_AUC, MIN_CONTROL_EPS_LB, control_shows_leakage, default_guesses, epsilon_lower_bound, membership_auc,
+    one_run_audit, p_value, tpr_at_fpr,
 )
 
 
@@ -114,3 +115,19 @@ def test_tpr_at_fpr_by_hand():
     assert tpr_at_fpr(scores, labels, 0.01) == 0.25  # no false positive allowed: only 0.9 is flagged
     assert tpr_at_fpr(scores, labels, 0.2) == 0.75  # one (1/6): threshold 0.6 flags 0.9, 0.8, 0.7, 0.6
     assert tpr_at_fpr(scores, labels, 0.5) == 1.0  # three (3/6): down to 0.3
+
+
+def test_the_control_shows_leakage_only_with_a_positive_bound_and_an_auc_above_chance():
+    assert control_shows_leakage(1.5, 0.97)
+    assert not control_shows_leakage(0.0, 0.97)  # the bound is ~0: the attack proved nothing even without DP
+    assert not control_shows_leakage(MIN_CONTROL_EPS_LB / 2, 0.9)
+    assert not control_shows_leakage(1.0, 0.5)  # AUC at chance
+    assert not control_shows_leakage(1.0, MIN_CONTROL_AUC - 0.01)
+    assert not control_shows_leakage(0.0, math.nan)
+    # a real audit: separable scores show leakage, scores independent of the mask do not
+    rng = np.random.default_rng(0)
+    included = rng.random(128) < 0.5
+    strong = one_run_audit(included + rng.normal(0, 0.2, 128), included, 1e-5)
+    assert control_shows_leakage(strong.eps_lb, membership_auc(included + rng.normal(0, 0.2, 128), included))
+    noise = rng.normal(0, 1, 128)
+    assert not control_shows_leakage(one_run_audit(noise, included, 1e-5).eps_lb, membership_auc(noise, included))
