@@ -19,7 +19,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 
 from dpldm.callbacks.checkpoint import ResumableCheckpoint
-from dpldm.loggers import WandbLogger
+from dpldm.loggers import WandbLogger, run_name, sweep_run, wandb_disabled
 
 
 # The frozen autoencoder and text encoder are in eval mode on purpose.
@@ -27,14 +27,31 @@ warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the st
 
 
 class SaveConfigEverywhere(SaveConfigCallback):
-    """``config.yaml`` next to the logs, and the resolved config in the W&B run."""
+    """``config.yaml`` next to the logs, and the resolved config in the W&B run (dpldm's WandbLogger takes it
+    when its run starts, so this does not start it before the setup checks)."""
 
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         loggers = [lg for lg in trainer.loggers if isinstance(lg, LightningWandbLogger)]
         if loggers:
             config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
             for logger in loggers:
-                logger.experiment.config.update(config, allow_val_change=True)
+                if isinstance(logger, WandbLogger):
+                    logger.add_config(config)
+                else:
+                    logger.experiment.config.update(config, allow_val_change=True)
+
+
+def without_wandb(loggers: object) -> object:
+    """The trainer's ``logger`` setting without its W&B loggers (``WANDB_MODE=disabled``: no W&B at all).
+
+    Args:
+        loggers: the instantiated ``trainer.logger`` value (a logger, a list of them, or a bool).
+    """
+    if isinstance(loggers, LightningWandbLogger):
+        return False
+    if isinstance(loggers, list):
+        return [lg for lg in loggers if not isinstance(lg, LightningWandbLogger)] or False
+    return loggers
 
 
 class DPLDMCLI(LightningCLI):
@@ -57,14 +74,26 @@ class DPLDMCLI(LightningCLI):
             run=run,
         )
 
+    def before_instantiate_classes(self) -> None:
+        # Under `wandb agent` each run has its own folder, <default_root_dir>/<W&B run id>: its checkpoints,
+        # logs and W&B files, never those of the sweep's other runs (in turn or in parallel agents).
+        run = sweep_run()
+        if run is not None and self.subcommand is not None:
+            trainer = self._get(self.config, "trainer")
+            trainer.default_root_dir = os.path.join(trainer.default_root_dir or ".", run.id)
+
     def instantiate_trainer(self, **kwargs: object) -> L.Trainer:
         # By default CSV logs next to the checkpoints (the first logger: it sets trainer.log_dir), and W&B
-        # (offline by itself without an API key or network; WANDB_MODE=disabled turns it off).
+        # (offline by itself without an API key or network). WANDB_MODE=disabled: no W&B logger at all, not
+        # even one the config names.
         trainer_cfg = self._get(self.config_init, "trainer", default={})
         if trainer_cfg.get("logger") in (None, True):
             root = trainer_cfg.get("default_root_dir") or "."
-            trainer_cfg["logger"] = [CSVLogger(save_dir=root, name="logs"),
-                                     WandbLogger(name=os.path.normpath(root), save_dir=root)]
+            trainer_cfg["logger"] = [CSVLogger(save_dir=root, name="logs")]
+            if not wandb_disabled():
+                trainer_cfg["logger"].append(WandbLogger(name=run_name(root), save_dir=root))
+        elif wandb_disabled():
+            trainer_cfg["logger"] = without_wandb(trainer_cfg["logger"])
         # Checkpoints that `--ckpt_path last` finds (in <root>/checkpoints), unless the config has its own.
         callbacks = trainer_cfg.get("callbacks") or []
         callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
@@ -84,6 +113,7 @@ def cache(argv: list[str]) -> dict:
     dm = cli.datamodule
     if not isinstance(dm, LatentCacheDataModule):
         raise ConfigError("data.class_path", type(dm).__name__, "must be dpldm.datamodules.LatentCacheDataModule")
+    cli.model.preflight(dm)  # shapes before hours of encoding
     meta = dm.build(cli.model)
     print(f"latent cache {dm.cache_dir}: {meta['num_records']:,} records x {meta['views']} view(s); "
           + ", ".join(f"{k} {tuple(v)}" for k, v in meta["fields"].items()))

@@ -25,8 +25,8 @@ from dpldm.cli import DPLDMCLI
 
 
 METRIC_LABELS = {
-    "val/downstream_acc": "downstream accuracy (CNN trained on DP samples, tested on the real test digits)",
-    "val/fid_glyph": "FID-style distance to the real test digits (glyph-classifier features; NOT Inception FID)",
+    "test/downstream_acc": "downstream accuracy (CNN trained on DP samples, tested on the real test digits)",
+    "test/fid_glyph": "FID-style distance to the real test digits (glyph-classifier features; NOT Inception FID)",
 }
 
 
@@ -40,7 +40,7 @@ class StageResult:
     grid: str | None
     privacy: dict[str, float] | None = None  # the DP stage's report (epsilon, delta, sigma, q, steps)
     trained_fraction: float | None = None
-    metrics: dict[str, float] | None = None  # val/* of the sample-based metric callbacks
+    metrics: dict[str, float] | None = None  # the sample-based metric callbacks' values (val/*, test/*, ...)
     ceiling: float | None = None  # downstream accuracy of the same classifier trained on the real data
 
 
@@ -120,6 +120,17 @@ def real_data_ceiling(datamodule: object, metric: DownstreamAccuracy, autoencode
                                seed=metric.sampling.seed)
 
 
+def final_metrics(metrics: dict[str, float] | None) -> dict[str, float]:
+    """The values to report: a ``val/`` value (for choosing, e.g. in a sweep) is left out when the same metric's
+    ``test/`` value is there, so the final number is the test split's, reported once.
+
+    Args:
+        metrics: a stage's metric values by log key.
+    """
+    metrics = metrics or {}
+    return {k: v for k, v in metrics.items() if not (k.startswith("val/") and "test/" + k[4:] in metrics)}
+
+
 def summary(results: list[StageResult]) -> str:
     lines = ["", "=== dpldm quickstart: done", f"{'stage':<12}{'time':>9}  outputs"]
     for r in results:
@@ -132,7 +143,7 @@ def summary(results: list[StageResult]) -> str:
             lines.append(f"{'':<23}DP-SGD: epsilon = {p['privacy/epsilon']:.2f} spent at delta = {p['privacy/delta']:.2g}; "
                          f"sigma = {p['privacy/noise_multiplier']:.3f}, q = {p['privacy/sample_rate']:.4f}, "
                          f"steps = {int(p['privacy/steps'])}; trained {r.trained_fraction:.1%} of the parameters")
-        for key, value in (r.metrics or {}).items():
+        for key, value in final_metrics(r.metrics).items():
             lines.append(f"{'':<23}{METRIC_LABELS.get(key, key)}: {value:.3f}")
         if r.ceiling is not None:
             lines.append(f"{'':<23}  ceiling, the same classifier trained on the real training digits: {r.ceiling:.3f} "

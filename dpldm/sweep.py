@@ -3,7 +3,8 @@
 Expands the grid of the YAML that ``wandb sweep`` takes (``configs/sweeps/``), or draws seeded random
 configurations (``bayes`` runs as random search here: no model of the metric); runs each as ``python -m dpldm
 fit`` + the command's arguments, ``${args}`` as ``--key=value`` + extra overrides + ``--trainer.default_root_dir=
-OUT/run-XXX``; collects every run's ``privacy.json`` and last metric value into ``OUT/results.csv`` and two plots.
+OUT/run-XXX``; collects every run's ``privacy.json``, last metric value (``val/...``: chosen on) and last test value
+(``test/...``: reported once, for the chosen run) into ``OUT/results.csv`` and two plots.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from dpldm.sweep_spec import Sweep, require, expand, load_sweep  # noqa: F401 (p
 
 PRIVACY = {"epsilon": "privacy/epsilon", "delta": "privacy/delta", "sigma": "privacy/noise_multiplier",
            "q": "privacy/sample_rate", "steps": "privacy/steps"}
-RESULTS = ["status", "metric", *PRIVACY, "target_epsilon", "C", "accountant", "seconds", "error"]
+RESULTS = ["status", "metric", "test_metric", *PRIVACY, "target_epsilon", "C", "accountant", "seconds", "error"]
 CAVEAT = ("Caveat: every run is DP on its own, but choosing among them with a metric computed on private data is "
           "not free (Papernot & Steinke, \"Hyperparameter Tuning with Renyi Differential Privacy\", ICLR 2022): "
           "the released model's guarantee is then not just its own epsilon.")
@@ -55,8 +56,23 @@ def _num(value: Any) -> float | None:
         return None
 
 
+def final_key(metric: str | None) -> str | None:
+    """The test-split key of a ``val/`` sweep metric (``val/downstream_acc`` -> ``test/downstream_acc``): the
+    value reported for the chosen run, never chosen on.
+
+    Args:
+        metric: the sweep metric (``None`` or not ``val/...``: no counterpart).
+    """
+    return "test/" + metric[len("val/"):] if metric and metric.startswith("val/") else None
+
+
+def _last(rows: list[dict], key: str | None) -> float | None:
+    return next((_num(r[key]) for r in reversed(rows) if key and r.get(key)), None)
+
+
 def read_run(run_dir: Path, metric: str | None) -> dict[str, Any]:
-    """A run's privacy report (:data:`PRIVACY`, target epsilon, C) and the last logged value of ``metric``.
+    """A run's privacy report (:data:`PRIVACY`, target epsilon, C), the last logged value of ``metric`` and
+    that of its test-split counterpart (:func:`final_key`).
 
     Args:
         run_dir: the run's ``default_root_dir``.
@@ -71,7 +87,7 @@ def read_run(run_dir: Path, metric: str | None) -> dict[str, Any]:
     out: dict[str, Any] = {k: _num(report.get(key)) for k, key in PRIVACY.items()}
     out.update(target_epsilon=_num(report.get("target_epsilon")), C=_num(report.get("max_grad_norm")),
                accountant=report.get("accountant"))
-    out["metric"] = next((_num(r[metric]) for r in reversed(rows) if metric and r.get(metric)), None)
+    out["metric"], out["test_metric"] = _last(rows, metric), _last(rows, final_key(metric))
     return out
 
 
@@ -144,6 +160,9 @@ def report(rows: list[dict], sweep: Sweep, account_selection: bool) -> dict[str,
     if best:
         print(f"best ({sweep.goal} {sweep.metric}): {best['run']}, " + ", ".join(f"{short[p]}={best[p]}" for p in short)
               + f": {sweep.metric} = {best['metric']:.4g} at epsilon = {_fmt(best['epsilon'])}")
+        if final_key(sweep.metric):  # the chosen run's test value: the number to report (never chosen on)
+            print(f"final: chosen on {sweep.metric} = {best['metric']:.4g}; its {final_key(sweep.metric)} = "
+                  f"{_fmt(best['test_metric'])} (the test split, reported once)")
     elif sweep.metric:
         print(f"no finished run logged {sweep.metric}")
     print(CAVEAT)

@@ -75,6 +75,9 @@ def load_sweep(source: str | os.PathLike | dict) -> Sweep:
     require(metric is None or isinstance(metric, dict) and bool(metric.get("name")), "metric.name", metric,
              "must name a logged metric: {name: ..., goal: maximize|minimize}")
     _known(metric or {}, METRIC_KEYS, "metric.")
+    require(not str((metric or {}).get("name", "")).startswith("test/"), "metric.name", (metric or {}).get("name"),
+             "a sweep must not choose on the test split: optimise the val/ metric (the final test/ value is "
+             "reported once, for the chosen run)")
     goal = (metric or {}).get("goal", "minimize")
     require(goal in ("minimize", "maximize"), "metric.goal", goal, "must be minimize or maximize")
     params, run_cap = doc.get("parameters"), doc.get("run_cap")

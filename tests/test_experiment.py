@@ -12,8 +12,8 @@ from tests.conftest import TINY_UNET
 
 
 def _row(method, eps, seed, acc, fid):
-    row = {"method": method, "epsilon": eps, "seed": seed, "val/downstream_acc": acc, "val/fid_glyph": fid,
-           "trained_fraction": 0.3, "seconds": 1.0}
+    row = {"method": method, "epsilon": eps, "seed": seed, "test/downstream_acc": acc, "test/fid_glyph": fid,
+           "val/downstream_acc": acc - 0.3, "val/fid_glyph": fid + 50, "trained_fraction": 0.3, "seconds": 1.0}
     if eps is not None:
         row.update({"epsilon_spent": eps - 0.01, "delta": 1e-5, "noise_multiplier": 2.0 / eps,
                     "sample_rate": 128 / 60000, "steps": 300, "expected_batch_size": 128})
@@ -37,6 +37,19 @@ def test_report_tables_means_over_seeds_anchors_and_plot(tmp_path):
     assert "scores 0.930" in doc and "reconstructions by the frozen public autoencoder, it scores 0.710" in doc
     assert "86.2% at ε = 10" in doc and "N = 60000" in doc and "hand-written" in doc
     assert (tmp_path / "results" / "fashion.png").stat().st_size > 10_000
+
+
+def test_report_reads_result_files_from_before_the_metrics_had_splits(tmp_path):
+    """Those logged the test split's values as val/*: they are shown as the test values they are."""
+    rows = [{k.replace("test/", "val/"): v for k, v in _row("attention", 1.0, 0, 0.5, 20).items() if "val/" not in k}]
+    record = {"size": "digits", "label": "digits", "rows": rows, "budget": [], "minutes": 1.0, "command": "c",
+              "settings": {"privacy": {}, "optimizer": {"class_path": "torch.optim.AdamW"}, "batch_size": 128,
+                           "metrics": [{"class": "FID", "key": "val/fid_glyph"}]}}
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "digits.json").write_text(json.dumps(record))
+    render(str(tmp_path / "results"), str(tmp_path / "results.md"))
+    doc = (tmp_path / "results.md").read_text()
+    assert "| DP fine-tune, attention only (DP-LDM) | 0.500 |" in doc and "| 20.000 |" in doc
 
 
 def test_each_method_changes_only_what_it_names():
@@ -77,7 +90,8 @@ def test_the_plan_is_seed_major_resumes_after_an_interruption_and_scores_real_da
             raise KeyboardInterrupt
         calls.append((name, overrides, ceiling))
         private = f"{experiment.PRIVACY}.epsilon=" in " ".join(overrides)
-        return SimpleNamespace(seconds=1.0, trained_fraction=0.3, metrics={"val/downstream_acc": 0.5},
+        metrics = {"val/downstream_acc": 0.1, "test/downstream_acc": 0.5}
+        return SimpleNamespace(seconds=1.0, trained_fraction=0.3, metrics=metrics,
                                privacy={f"privacy/{k}": v for k, v in report.items()} if private else None)
 
     monkeypatch.setattr(experiment, "run_stage", fake_stage)

@@ -186,7 +186,8 @@ def test_evaluate_command_scores_a_checkpoint(quickstart_run, tmp_path):
   init_args: {{num_samples: 40, epochs: 1, test_samples: 60, sampling: {{num_steps: 2}}}}
 - class_path: dpldm.callbacks.FID
   init_args:
-    key: val/fid_glyph
+    name: fid_glyph
+    splits: [val, test]
     num_samples: 40
     reference_samples: 60
     extractor: {{class_path: dpldm.metrics.GlyphClassifierFeatures,
@@ -195,16 +196,17 @@ def test_evaluate_command_scores_a_checkpoint(quickstart_run, tmp_path):
 """)
     main(["evaluate", str(run), "--metrics", str(metrics), "--out", str(tmp_path / "eval.json")])
     report = json.loads((tmp_path / "eval.json").read_text())
-    assert 0 <= report["val/downstream_acc"] <= 1 and report["val/fid_glyph"] > 0
+    assert 0 <= report["test/downstream_acc"] <= 1 and report["test/fid_glyph"] > 0 and report["val/fid_glyph"] > 0
     assert report["privacy/epsilon"] > 0 and report["checkpoint"].endswith(".ckpt")  # the weights' epsilon with it
     assert (tmp_path / "glyphs.pt").exists()  # the public feature extractor, trained once and kept
 
 
 def test_summary_reports_metrics_and_the_labelled_ceiling():
-    result = quickstart.StageResult("finetune", 10.0, "r", None, None, None,
-                                    metrics={"val/downstream_acc": 0.61, "val/fid_glyph": 3.2}, ceiling=0.9)
+    metrics = {"val/downstream_acc": 0.61, "test/downstream_acc": 0.58, "val/fid_glyph": 3.4, "test/fid_glyph": 3.2}
+    result = quickstart.StageResult("finetune", 10.0, "r", None, None, None, metrics=metrics, ceiling=0.9)
     text = quickstart.summary([result])
-    assert "downstream accuracy" in text and "0.610" in text and "NOT Inception FID" in text
+    assert "downstream accuracy" in text and "0.580" in text and "3.200" in text and "NOT Inception FID" in text
+    assert "0.610" not in text and "3.400" not in text  # the final numbers are the test split's, reported once
     assert "0.900 (not private: a reference only)" in text
 
 

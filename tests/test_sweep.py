@@ -74,6 +74,7 @@ def test_random_draws_respect_bounds_and_are_seeded():
     ({"metrc": {"name": "val/loss"}}, "metrc"),
     ({"method": "bayes", "metric": None}, "metric.name"),
     ({"metric": {"name": "val/x", "goal": "max"}}, "metric.goal"),
+    ({"metric": {"name": "test/downstream_acc", "goal": "maximize"}}, "metric.name"),  # never choose on test
     ({"parameters": {}}, "parameters"),
     ({"parameters": {EPS: {"values": []}}}, f"parameters.{EPS}.values"),
     ({"parameters": {EPS: {"vals": [1, 2]}}}, f"parameters.{EPS}.vals"),
@@ -123,7 +124,8 @@ def fake_fit(cmd: list[str], stdout, **kwargs) -> subprocess.CompletedProcess:
         "privacy/epsilon": eps * 0.99, "privacy/delta": 1e-5, "privacy/noise_multiplier": 4 / eps,
         "privacy/sample_rate": 0.01, "privacy/steps": 100.0, "accountant": "prv", "max_grad_norm": 1.0,
         "target_epsilon": eps}))
-    (logs / "metrics.csv").write_text(f"step,val/downstream_acc\n0,0.1\n100,{eps / 20}\n100,\n")
+    (logs / "metrics.csv").write_text(f"step,val/downstream_acc,test/downstream_acc\n0,0.1,\n100,{eps / 20},{eps / 25}"
+                                      "\n100,,\n")
     return subprocess.CompletedProcess(cmd, 0)
 
 
@@ -138,10 +140,12 @@ def test_a_failed_run_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch, c
     assert [r["status"] for r in rows] == ["failed", "ok", "ok"]
     assert rows[0]["error"] == "exit 1: ValueError: boom" and rows[0]["epsilon"] is None
     assert rows[2]["metric"] == 0.25 and rows[2]["epsilon"] == pytest.approx(4.95) and rows[2]["sigma"] == 0.8
-    assert result["best"]["run"] == "run-002"
+    assert result["best"]["run"] == "run-002" and result["best"]["test_metric"] == 0.2
     with open(tmp_path / "out" / "results.csv") as f:
-        assert [r["status"] for r in csv.DictReader(f)] == ["failed", "ok", "ok"]
+        assert [(r["status"], r["test_metric"]) for r in csv.DictReader(f)] == [("failed", ""), ("ok", "0.08"),
+                                                                                 ("ok", "0.2")]
     out = capsys.readouterr().out
+    assert "chosen on val/downstream_acc = 0.25; its test/downstream_acc = 0.2" in out  # the test value, reported once
     assert "[1/3] run-000: epsilon=1" in out and "ValueError: boom (log:" in out
     assert "Papernot & Steinke" in out and "--account-selection composes all runs" in out
     with pytest.raises(SystemExit):  # never over an earlier sweep
@@ -167,6 +171,26 @@ def test_shipped_sweeps_are_valid_and_run_existing_configs(path, monkeypatch, ca
         assert cmd[-2:] == ["--trainer.max_epochs=1", f"--trainer.default_root_dir={cmd[-1].split('=', 1)[1]}"]
         assert sum(a.startswith("--trainer.default_root_dir") for a in cmd) == 1
         assert 0.01 <= float(next(a for a in cmd if a.startswith(f"--{C}=")).split("=")[1]) <= 1.0
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
+def test_shipped_sweeps_optimise_a_metric_computed_on_the_val_split(path):
+    """The sweep's metric is one its run config's metric callbacks compute on the data's val split."""
+    import importlib
+
+    from dpldm.callbacks import SampleSettings
+
+    sweep = load_sweep(path)
+    run = yaml.safe_load((ROOT / sweep.configs[0]).read_text())
+    keys = []
+    for cb in run["trainer"]["callbacks"]:
+        module, name = cb["class_path"].rsplit(".", 1)
+        args = {k: v for k, v in cb.get("init_args", {}).items() if k != "extractor"}  # the metric's features: lazy
+        args["sampling"] = SampleSettings(**args.get("sampling", {}))
+        if name in ("DownstreamAccuracy", "FID"):
+            keys += getattr(importlib.import_module(module), name)(**args).keys()
+    assert sweep.metric.startswith("val/") and sweep.metric in keys
+    assert sweep.metric.replace("val/", "test/") in keys  # and the final test value beside it, to report once
 
 
 def test_shipped_sweeps_cover_grid_and_bayes():

@@ -19,23 +19,21 @@ from tests.privacy.tiny_fit import tiny_dp_config
 ROOT = Path(__file__).resolve().parents[1]
 EPS = "model.init_args.privacy.init_args.epsilon"
 C = "model.init_args.privacy.init_args.max_grad_norm"
+AGENT_VARS = ("WANDB_RUN_ID", "WANDB_SWEEP_PARAM_PATH")
 
 
 class StubServer:
     """What the W&B server tells an agent: the sweep YAML, then one ``run`` command per parameter set, each
-    handed out once the previous run has ended; ``on_idle`` is called between runs (the previous run done)."""
+    handed out once the previous run has ended."""
 
-    def __init__(self, sweep_file: Path, on_idle=lambda: None):
+    def __init__(self, sweep_file: Path):
         self.config = sweep_file.read_text()
         self.todo = [{k: {"value": v} for k, v in p.items()} for p in expand(load_sweep(sweep_file))]
         self.issued: list[dict] = []
-        self.on_idle = on_idle
 
     def heartbeat(self, api, agent_id, metrics, run_states) -> list[dict]:
         if run_states or not self.todo:  # a run still going, or nothing left (the agent stops at its count)
             return []
-        if self.issued:
-            self.on_idle()
         self.issued.append(self.todo.pop(0))
         return [{"type": "run", "run_id": f"r{len(self.issued) - 1}", "program": None, "args": self.issued[-1]}]
 
@@ -64,7 +62,12 @@ def agent_env(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_SWEEP_ID", raising=False)
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
     monkeypatch.chdir(ROOT)
-    return bin_dir
+    saved = {var: os.environ.get(var) for var in AGENT_VARS}
+    yield bin_dir
+    for var, value in saved.items():  # the agent sets these in os.environ itself: not this process's after the test
+        os.environ.pop(var, None)
+        if value is not None:
+            os.environ[var] = value
 
 
 def shim(bin_dir: Path, extra: str = "") -> None:
@@ -76,6 +79,7 @@ def shim(bin_dir: Path, extra: str = "") -> None:
 
 def test_the_wandb_agent_runs_a_dp_sweep_offline(tmp_path, agent_env, monkeypatch):
     shim(agent_env)
+    monkeypatch.setenv("WANDB_MODE", "offline")  # the runs' own W&B runs, on disk: their names can be read back
     config = tiny_dp_config(tmp_path / "tiny", max_steps=2)
     root = tmp_path / "agent-runs"
     file = tmp_path / "sweep.yaml"
@@ -83,15 +87,20 @@ def test_the_wandb_agent_runs_a_dp_sweep_offline(tmp_path, agent_env, monkeypatc
         "method": "grid", "metric": {"name": "train/loss", "goal": "minimize"},
         "parameters": {EPS: {"values": [2, 8]}, C: {"values": [0.5]}},
         "command": ["dpldm", "fit", "--config", config, f"--trainer.default_root_dir={root}",
-                    "--trainer.enable_checkpointing=false", "--model.init_args.noise_draws=1", "${args}"]}))
-    reports = []
-    server = StubServer(file, on_idle=lambda: reports.append(read_run(root, None)))
+                    "--model.init_args.noise_draws=1", "${args}"]}))
+    server = StubServer(file)
     server.run_agent(monkeypatch, count=2)
-    reports.append(read_run(root, None))
     assert [a[EPS]["value"] for a in server.issued] == [2, 8] and not server.todo
-    for report, target in zip(reports, (2, 8)):  # each run trained with the values the server handed out
+    assert sorted(p.name for p in root.iterdir()) == ["r0", "r1"]  # a folder per W&B run id, nothing shared
+    for i, target in enumerate((2, 8)):  # each run trained with the values the server handed out, in its folder
+        run = root / f"r{i}"
+        report = read_run(run, None)
         assert report["target_epsilon"] == target and report["C"] == 0.5 and report["steps"] == 2
         assert 0 < report["epsilon"] <= target
+        assert (run / "checkpoints" / "last.ckpt").is_file() and len(list(run.rglob("privacy.json"))) == 1
+        (wandb_run,) = (run / "wandb").glob(f"offline-run-*-r{i}")  # W&B's run of the agent's id, in the folder
+        name = f"{run} epsilon={target} max_grad_norm=0.5"  # its name: the folder and the swept values
+        assert name.encode() in (wandb_run / f"run-r{i}.wandb").read_bytes()
     assert (tmp_path / "wandb" / "sweep-None" / "config-r1.yaml").is_file()  # the agent's own book-keeping
 
 

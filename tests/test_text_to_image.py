@@ -41,7 +41,7 @@ def test_tiny_text_to_image_pipeline(tiny_args, tmp_path):
     assert report["privacy/steps"] == 4 and report["privacy/sample_rate"] == pytest.approx(4 / 10)
     assert 0 < report["privacy/epsilon"] <= 10.0
     rows = (next((tmp_path / "run").rglob("metrics.csv"))).read_text()
-    assert "val/clip_score" in rows.splitlines()[0]  # scored at the end of fit, logged next to privacy/*
+    assert "prompts/clip_score" in rows.splitlines()[0]  # scored at the end of fit, logged next to privacy/*
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of item 1\n\na red square\n")

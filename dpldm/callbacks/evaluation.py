@@ -1,11 +1,17 @@
 """Sample-based evaluation during and after training: FID, CLIP score, downstream accuracy.
 
 Each metric is a callback. Every ``every_n_epochs`` epochs (0: never) and at the end of fit it draws
-``num_samples`` guided DDIM samples (EMA weights if kept) and logs ``val/<metric>`` to every logger,
-next to ``train/loss`` and ``privacy/*``; ``dpldm evaluate`` runs the same callbacks on a checkpoint.
-Callbacks of one trainer share the samples of a step. Scoring samples of a DP model is
-post-processing: no privacy cost. The real images they are compared with come from the data's test
-split (evaluation data, never the training set).
+``num_samples`` guided DDIM samples (EMA weights if kept), scores them and logs ``<split>/<metric>`` to
+every logger, next to ``train/loss`` and ``privacy/*``; ``dpldm evaluate`` runs the same callbacks on a
+checkpoint. Callbacks of one trainer share the samples of a step.
+
+The key names the data the samples were compared with: ``test/...`` the data's test split (the final
+number, reported once), ``val/...`` its val split (held out from training and from the final test: what a
+sweep may choose on), ``ref/...`` a fixed reference set (FID's ``reference`` / ``reference_dir``),
+``prompts/...`` the config's prompts only (CLIP score). ``splits: [val, test]`` scores one set of
+samples against both. Scoring samples of a DP model is post-processing: no privacy cost. But the val
+and test images are private data too, used without DP: choosing among runs by a ``val/`` value is
+itself a (declared) privacy cost, see ``dpldm sweep --account-selection`` and the README, "Sweeps".
 """
 
 from __future__ import annotations
@@ -64,9 +70,32 @@ def draw_samples(model: nn.Module, conds: Tensor | list[str], settings: SampleSe
     return torch.cat(out)
 
 
-def real_images(datamodule: object, max_items: int | None = None) -> tuple[Tensor, Tensor | None]:
-    """Real held-out images of a DataModule (a latent cache's source): its test split, else its validation
-    split; images and labels (if any)."""
+SPLITS = ("val", "test")  # held-out splits a metric may be scored on; never the (private) training split
+_STAGES = {"val": "validate", "test": "test"}
+
+
+def check_splits(owner: str, splits: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """``splits`` as a tuple, if they are distinct names of held-out splits (``val``, ``test``).
+
+    Args:
+        owner: the metric's class name, for the error.
+        splits: the splits to score on, in logging order.
+    """
+    splits = tuple(splits)
+    if not splits or len(set(splits)) != len(splits) or not set(splits) <= set(SPLITS):
+        raise ConfigError(f"{owner}.splits", list(splits), f"must be distinct held-out splits out of {list(SPLITS)}")
+    return splits
+
+
+def real_images(datamodule: object, max_items: int | None = None, split: str = "test") -> tuple[Tensor, Tensor | None]:
+    """Real held-out images of one split of a DataModule (a latent cache serves its source's): images and
+    labels (if any).
+
+    Args:
+        datamodule: the run's DataModule.
+        max_items: at most this many images (``None``: all).
+        split: ``test`` or ``val``.
+    """
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     from dpldm.metrics.downstream import load_images
@@ -74,36 +103,61 @@ def real_images(datamodule: object, max_items: int | None = None) -> tuple[Tenso
     if datamodule is None:
         raise ConfigError("data", None, "evaluation against real images needs the run's DataModule")
     try:
-        datamodule.setup("test")
-        loader = datamodule.test_dataloader()
+        datamodule.setup(_STAGES[split])
+        loader = getattr(datamodule, f"{split}_dataloader")()
     except (MisconfigurationException, NotImplementedError):  # e.g. a stream of shards with no test split
-        datamodule.setup("validate")
-        loader = datamodule.val_dataloader()
+        loader = None
     if not loader:
-        raise ConfigError("data", type(datamodule).__name__, "has no test or validation images to compare with "
-                          "(e.g. set val_shards, or give the metric a reference_dir)")
+        raise ConfigError("splits", split, f"{type(datamodule).__name__} has no {split} images to compare with "
+                          "(set the metric's splits to one the data has, e.g. [val] with val_shards, or give FID "
+                          "a reference_dir)")
     return load_images(loader, max_items)
 
 
+def held_out(datamodule: object, splits: tuple[str, ...], max_items: int | None) -> dict[str, tuple]:
+    """``{split: (images, labels)}``; refuses val and test splits that are the same images (choosing on such
+    a val split would choose on the test split).
+
+    Args:
+        datamodule: the run's DataModule.
+        splits: the splits to load.
+        max_items: at most this many images per split (``None``: all).
+    """
+    real = {split: real_images(datamodule, max_items, split) for split in splits}
+    if "val" in real and "test" in real:
+        val, test = real["val"][0], real["test"][0]
+        if val.shape == test.shape and torch.equal(val, test):
+            raise ConfigError("splits", list(splits), f"{type(datamodule).__name__}'s val and test splits are the "
+                              "same images: give the data a separate val split, or score on test only")
+    return real
+
+
 class SampleMetric(L.Callback):
-    """Base class: draws (shared) samples, scores them, logs ``key`` to every logger.
+    """Base class: draws (shared) samples, scores them, logs ``<split>/<name>`` for each split to every logger.
 
     Args:
         num_samples: samples per evaluation.
         every_n_epochs: also evaluate every n epochs (0: only at the end of fit).
         sampling: how samples are drawn (default :class:`SampleSettings`).
+        splits: the data's held-out splits to score against (``val``, ``test``; default ``[test]``).
     """
 
-    key = "val/metric"
+    name = "metric"
     prompts: list[str] | None = None
 
-    def __init__(self, num_samples: int, every_n_epochs: int = 0, sampling: SampleSettings | None = None):
+    def __init__(self, num_samples: int, every_n_epochs: int = 0, sampling: SampleSettings | None = None,
+                 splits: list[str] | None = None):
         if num_samples < 1:
             raise ConfigError(f"{type(self).__name__}.num_samples", num_samples, "must be >= 1")
         self.num_samples, self.every_n_epochs = num_samples, every_n_epochs
         self.sampling = sampling or SampleSettings()
+        self.splits = check_splits(type(self).__name__, ["test"] if splits is None else splits)
         self.last: dict[str, float] | None = None
         self.history: list[list[float]] = []
+
+    def keys(self) -> list[str]:
+        """The keys this metric logs, one per split."""
+        return [f"{split}/{self.name}" for split in self.splits]
 
     def compute(self, model: nn.Module, datamodule: object, images: Tensor, conds: Tensor | list[str]) -> dict:
         """Score samples ``images`` drawn for ``conds``; returns ``{log key: value}``."""
@@ -130,7 +184,7 @@ class SampleMetric(L.Callback):
             logger.log_metrics(values, step=max(step, 0))
             if isinstance(logger, WandbLogger):  # the history as a table, next to the curves
                 self.history.append([step, *values.values()])
-                logger.log_table(f"{self.key}_table", columns=["step", *values], data=self.history)
+                logger.log_table(f"tables/{self.name}", columns=["step", *values], data=self.history)
         log.info("%s", ", ".join(f"{k} = {v:.4g}" for k, v in values.items()))
         return values
 
@@ -149,70 +203,113 @@ class SampleMetric(L.Callback):
 
 
 class DownstreamAccuracy(SampleMetric):
-    """Train a small CNN on labelled samples, test it on the real test split (DP-LDM / DPDM protocol).
+    """Train a small CNN on labelled samples, test it on real held-out images (DP-LDM / DPDM protocol): the
+    classifier is trained once per evaluation and tested on every split.
 
     Args:
         num_samples: labelled synthetic training images (every class equally often).
         epochs: classifier training epochs.
-        test_samples: real test images used (``None``: all).
+        test_samples: real images used per split (``None``: all).
         every_n_epochs: also evaluate every n epochs (0: only at the end of fit).
         sampling: how samples are drawn.
+        splits: the held-out splits to test on (``[val, test]``: ``val/downstream_acc`` to choose on,
+            ``test/downstream_acc`` to report); default ``[test]``.
     """
 
-    key = "val/downstream_acc"
+    name = "downstream_acc"
 
     def __init__(self, num_samples: int = 5000, epochs: int = 10, test_samples: int | None = None,
-                 every_n_epochs: int = 0, sampling: SampleSettings | None = None):
-        super().__init__(num_samples, every_n_epochs, sampling)
+                 every_n_epochs: int = 0, sampling: SampleSettings | None = None, splits: list[str] | None = None):
+        super().__init__(num_samples, every_n_epochs, sampling, splits)
         self.epochs, self.test_samples = epochs, test_samples
 
     def compute(self, model: nn.Module, datamodule: object, images: Tensor, conds: Tensor | list[str]) -> dict:
-        from dpldm.metrics.downstream import downstream_accuracy
+        from dpldm.metrics import downstream
 
         if not isinstance(conds, Tensor):
             raise ConfigError("DownstreamAccuracy", type(model.conditioner).__name__, "needs a class-conditional model")
-        test_x, test_y = real_images(datamodule, self.test_samples)
-        acc = downstream_accuracy(images, conds, test_x, test_y, model.conditioner.num_classes, epochs=self.epochs,
-                                  seed=self.sampling.seed)
-        return {self.key: acc}
+        real = held_out(datamodule, self.splits, self.test_samples)
+        for split, (x, y) in real.items():
+            if y is None or x.shape[1:] != images.shape[1:]:
+                raise ConfigError("DownstreamAccuracy", split, f"needs labelled real images of the samples' shape "
+                                  f"{tuple(images.shape[1:])}; the {split} split has {tuple(x.shape[1:])}"
+                                  + (" without labels" if y is None else ""))
+        classifier = downstream.train_classifier(images, conds, model.conditioner.num_classes, epochs=self.epochs,
+                                                 seed=self.sampling.seed)
+        return {f"{split}/{self.name}": downstream.accuracy(classifier, x, y) for split, (x, y) in real.items()}
 
 
 class FID(SampleMetric):
-    """Fréchet distance of samples to real images, computed the clean-fid way.
+    """Fréchet distance of samples to real images, computed the clean-fid way. The samples' features are
+    computed once per evaluation; each reference's statistics once (then kept).
 
     Args:
         extractor: features of images in [-1, 1] (default: clean-fid's Inception, downloaded once);
             e.g. :func:`dpldm.metrics.public_classifier_features` offline.
-        reference: clean-fid's precomputed statistics by name (e.g. ``cifar10``; Inception only).
+        reference: clean-fid's precomputed statistics by name (e.g. ``cifar10``; Inception only): logged as
+            ``ref/<name>``.
         reference_split: their split (``train`` / ``test``).
         reference_resolution: their resolution.
-        reference_dir: a folder of reference images instead.
-        stats_path: reference statistics file, written once and reused.
-        reference_samples: real test images used when the reference is the run's data (``None``: all).
-        key: log key (``val/fid``; e.g. ``val/fid_glyph`` for a non-Inception extractor).
+        reference_dir: a folder of reference images instead (``ref/<name>`` too).
+        stats_path: reference statistics file, written once and reused (one reference: with the run's data,
+            one split).
+        reference_samples: real images used per split when the reference is the run's data (``None``: all).
+        name: the metric's name in its keys (``fid``; e.g. ``fid_glyph`` for a non-Inception extractor).
         num_samples: generated images per evaluation.
         every_n_epochs: also evaluate every n epochs (0: only at the end of fit).
         sampling: how samples are drawn.
+        splits: the run's held-out splits to compare with (default ``[test]``); not with ``reference`` or
+            ``reference_dir``.
     """
 
     def __init__(self, extractor: nn.Module | None = None, reference: str | None = None, reference_split: str = "train",
                  reference_resolution: int = 32, reference_dir: str | None = None, stats_path: str | None = None,
-                 reference_samples: int | None = None, key: str = "val/fid", num_samples: int = 10_000,
-                 every_n_epochs: int = 0, sampling: SampleSettings | None = None):
+                 reference_samples: int | None = None, name: str = "fid", num_samples: int = 10_000,
+                 every_n_epochs: int = 0, sampling: SampleSettings | None = None, splits: list[str] | None = None):
         from dpldm.metrics.fid import FID as FIDScore
 
-        super().__init__(num_samples, every_n_epochs, sampling)
-        self.key, self.reference_samples = key, reference_samples
+        super().__init__(num_samples, every_n_epochs, sampling, splits)
+        self.external = reference is not None or reference_dir is not None
+        if self.external and splits is not None:
+            raise ConfigError("FID.splits", splits, "compare with the run's data splits or with reference / "
+                              "reference_dir, not both")
+        if stats_path is not None and not self.external and len(self.splits) > 1:
+            raise ConfigError("FID.stats_path", stats_path, f"caches one reference; splits {list(self.splits)} "
+                              "are several: leave stats_path unset")
+        self.name, self.reference_samples = name, reference_samples
         self.metric = FIDScore(extractor, reference, reference_split, reference_resolution, reference_dir, stats_path)
+        self._stats: dict = {}
+
+    def keys(self) -> list[str]:
+        return [f"ref/{self.name}"] if self.external else super().keys()
+
+    def references(self, datamodule: object) -> dict:
+        """``{log key: reference statistics}``, each computed once."""
+        if self.external:
+            return {f"ref/{self.name}": self.metric.reference_stats()}
+        for split in self.splits:
+            if split not in self._stats:
+                self._stats[split] = self._split_stats(datamodule, split)
+        return {f"{split}/{self.name}": self._stats[split] for split in self.splits}
+
+    def _split_stats(self, datamodule: object, split: str) -> object:
+        if self.metric.stats_path is not None:  # one split (checked): the file is its cache
+            needs = self.metric.needs_images()
+            return self.metric.reference_stats(real_images(datamodule, self.reference_samples, split)[0]
+                                               if needs else None)
+        return self.metric.stats(real_images(datamodule, self.reference_samples, split)[0])
 
     def compute(self, model: nn.Module, datamodule: object, images: Tensor, conds: Tensor | list[str]) -> dict:
-        real = real_images(datamodule, self.reference_samples)[0] if self.metric.needs_images() else None  # once
-        reference = self.metric.reference_stats(real)
-        return {self.key: self.metric(images, reference)}
+        from dpldm.metrics.fid import frechet_distance
+
+        references = self.references(datamodule)
+        samples = self.metric.stats(images)  # once, for every reference
+        return {key: frechet_distance(samples, reference) for key, reference in references.items()}
 
 
 class CLIPScore(SampleMetric):
-    """CLIP score of samples and their prompts, 100 * max(cos, 0), with an open_clip model.
+    """CLIP score of samples and their prompts, 100 * max(cos, 0), with an open_clip model. It reads no real
+    images: logged as ``prompts/clip_score``.
 
     Args:
         prompts: the prompts to sample (cycled up to ``num_samples``).
@@ -225,7 +322,7 @@ class CLIPScore(SampleMetric):
         sampling: how samples are drawn.
     """
 
-    key = "val/clip_score"
+    name = "clip_score"
 
     def __init__(self, prompts: list[str] | None = None, prompts_file: str | None = None, model_name: str = "ViT-B-32",
                  pretrained: str | None = "laion2b_s34b_b79k", checkpoint: str | None = None,
@@ -240,10 +337,13 @@ class CLIPScore(SampleMetric):
         self.model_name, self.pretrained, self.checkpoint = model_name, pretrained, checkpoint
         self._scorer = None
 
+    def keys(self) -> list[str]:
+        return [f"prompts/{self.name}"]
+
     def compute(self, model: nn.Module, datamodule: object, images: Tensor, conds: Tensor | list[str]) -> dict:
         from dpldm.metrics.clip_score import CLIPScore as Scorer
 
         if self._scorer is None:
             self._scorer = Scorer(self.model_name, self.pretrained, self.checkpoint)
             log.info("CLIP score with %s", self._scorer.description)
-        return {self.key: self._scorer(images, list(conds))}
+        return {self.keys()[0]: self._scorer(images, list(conds))}

@@ -2,7 +2,7 @@
 
 Inception weights cannot be fetched offline. A classifier of the public glyphs (digits and letters
 rendered from bundled fonts) gives features in which a Fréchet distance still ranks generators, but
-its values are NOT comparable to Inception FID: label them so (e.g. log key ``val/fid_glyph``).
+its values are NOT comparable to Inception FID: label them so (e.g. metric name ``fid_glyph``, logged as ``test/fid_glyph``).
 """
 
 from __future__ import annotations

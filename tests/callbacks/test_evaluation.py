@@ -35,6 +35,22 @@ class Quadrants(ImageDataModule):
         return TensorImageDataset(quadrant_images(labels, 0.3, {"train": 0, "val": 1, "test": 2}[split]), labels)
 
 
+class NoisyVal(Quadrants):
+    """Quadrants whose val split is noisier and mislabelled (quadrant k + 1 labelled k): a metric scored on
+    it differs from one scored on the test split."""
+
+    def _build(self, split):
+        if split != "val":
+            return super()._build(split)
+        labels = torch.arange(200) % 4
+        return TensorImageDataset(quadrant_images((labels + 1) % 4, 1.2, 1), labels)
+
+
+class SameValAndTest(Quadrants):
+    def _build(self, split):
+        return super()._build("test")
+
+
 class Conditioner(nn.Module):
     def __init__(self, text=False):
         super().__init__()
@@ -81,9 +97,9 @@ def test_downstream_accuracy_and_fid_share_the_samples_of_a_step():
     acc = DownstreamAccuracy(num_samples=200, epochs=5, sampling=settings).evaluate(model, data, step=7)
     fid = FID(TinyFeatures(), num_samples=200, sampling=settings).evaluate(model, data, step=7)
     assert model.calls == 2  # 200 samples in batches of 100, drawn once for both metrics
-    assert acc["val/downstream_acc"] > 0.9  # separable samples -> the real test split is classified well
+    assert acc["test/downstream_acc"] > 0.9  # separable samples -> the real test split is classified well
     bad = FID(TinyFeatures(), num_samples=200, sampling=settings).evaluate(FakeGenerator(noise=1.5), data, step=7)
-    assert fid["val/fid"] < 0.05 < bad["val/fid"]  # samples like the test split: ~0; noisy samples: far
+    assert fid["test/fid"] < 0.05 < bad["test/fid"]  # samples like the test split: ~0; noisy samples: far
 
 
 def test_downstream_accuracy_is_at_chance_for_a_generator_that_ignores_labels():
@@ -92,13 +108,13 @@ def test_downstream_accuracy_is_at_chance_for_a_generator_that_ignores_labels():
             return super().sample(torch.zeros_like(cond), *args, **kwargs)
 
     acc = DownstreamAccuracy(num_samples=200, epochs=5).evaluate(Ignores(), Quadrants(), step=0)
-    assert acc["val/downstream_acc"] < 0.5
+    assert acc["test/downstream_acc"] < 0.5
 
 
 def test_clip_score_callback_reports_a_score_for_its_prompts():
     cb = CLIPScore(prompts=["a cat", "a red car"], model_name=ARCH, pretrained=None, num_samples=4)
     images = torch.rand(4, 1, 16, 16) * 2 - 1  # grey samples are accepted (repeated to RGB)
-    value = cb.compute(FakeGenerator(text=True), None, images, ["a cat", "a red car"] * 2)["val/clip_score"]
+    value = cb.compute(FakeGenerator(text=True), None, images, ["a cat", "a red car"] * 2)["prompts/clip_score"]
     assert 0 <= value <= 100
     with pytest.raises(ConfigError, match="prompts"):
         CLIPScore(prompts=[])
@@ -111,10 +127,10 @@ def test_metrics_are_logged_next_to_training_metrics(tmp_path):
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=callbacks)
     trainer.fit(model, data)
     rows = list(csv.DictReader(open(next(tmp_path.glob("logs/version_*/metrics.csv")))))
-    acc_steps = [int(r["step"]) for r in rows if r.get("val/downstream_acc")]
+    acc_steps = [int(r["step"]) for r in rows if r.get("test/downstream_acc")]
     assert len(acc_steps) == 3  # after each of the 2 epochs, and at the end of fit
-    assert [r for r in rows if r.get("val/fid")]  # the FID at the end only
-    assert callbacks[1].last["val/fid"] < 0.05
+    assert [r for r in rows if r.get("test/fid")]  # the FID at the end only
+    assert callbacks[1].last["test/fid"] < 0.05
 
 
 def test_fast_dev_run_skips_the_metrics(tmp_path):
@@ -132,3 +148,60 @@ def test_fid_reads_the_real_images_once(monkeypatch):
     for step in (1, 2):  # two evaluations: the reference statistics are computed once
         fid.evaluate(FakeGenerator(), Quadrants(), step=step)
     assert len(calls) == 1
+
+
+def test_keys_name_the_split_they_are_computed_on():
+    assert DownstreamAccuracy(num_samples=8).keys() == ["test/downstream_acc"]  # the default: the final test split
+    assert FID(TinyFeatures(), num_samples=8, name="fid_glyph", splits=["val", "test"]).keys() == [
+        "val/fid_glyph", "test/fid_glyph"]
+    assert FID(reference_dir="refs", num_samples=8).keys() == ["ref/fid"]  # a fixed reference set, not a data split
+    assert CLIPScore(prompts=["a cat"], num_samples=8).keys() == ["prompts/clip_score"]  # no real images at all
+    for bad in (["train"], [], ["val", "val"], ["validation"]):  # never the private training set
+        with pytest.raises(ConfigError, match="DownstreamAccuracy.splits"):
+            DownstreamAccuracy(num_samples=8, splits=bad)
+    with pytest.raises(ConfigError, match="FID.splits"):
+        FID(reference_dir="refs", num_samples=8, splits=["val"])
+
+
+def test_downstream_classifier_is_trained_once_and_tested_on_val_and_test(monkeypatch):
+    from dpldm.metrics import downstream
+
+    trained, train = [], downstream.train_classifier
+    monkeypatch.setattr(downstream, "train_classifier", lambda *a, **k: trained.append(1) or train(*a, **k))
+    model, data = FakeGenerator(), NoisyVal(batch_size=64)
+    cb = DownstreamAccuracy(num_samples=200, epochs=5, splits=["val", "test"], sampling=SampleSettings(batch_size=100))
+    acc = cb.evaluate(model, data, step=3)
+    assert list(acc) == ["val/downstream_acc", "test/downstream_acc"] and len(trained) == 1 and model.calls == 2
+    images, labels = cb.samples(model, 3)
+    data.setup("test")
+    test_x, test_y = downstream.load_images(data.test_dataloader())
+    assert acc["test/downstream_acc"] == downstream.downstream_accuracy(images, labels, test_x, test_y, 4, epochs=5)
+    assert acc["val/downstream_acc"] < 0.3 < 0.9 < acc["test/downstream_acc"]  # val/: scored on the val split
+
+
+def test_fid_scores_one_set_of_samples_against_val_and_test(monkeypatch):
+    from dpldm.callbacks import evaluation
+
+    calls, real = [], evaluation.real_images
+    monkeypatch.setattr(evaluation, "real_images", lambda *a: calls.append(a[2]) or real(*a))
+    fid = FID(TinyFeatures(), num_samples=200, splits=["val", "test"], sampling=SampleSettings(batch_size=100))
+    model, data = FakeGenerator(), NoisyVal()
+    for step in (1, 2):
+        values = fid.evaluate(model, data, step=step)
+    assert sorted(calls) == ["test", "val"]  # the reference statistics: once per split, over both evaluations
+    assert values["test/fid"] < 0.05 < values["val/fid"]  # samples like the test split, unlike the noisy val split
+    assert model.calls == 4  # one set of 200 samples per evaluation, shared by both splits
+
+
+def test_val_and_test_must_be_different_images():
+    with pytest.raises(ConfigError, match="same images"):  # choosing on val would then choose on test
+        DownstreamAccuracy(num_samples=40, epochs=1, splits=["val", "test"]).evaluate(FakeGenerator(), SameValAndTest())
+
+
+def test_a_missing_split_is_a_config_error():
+    class NoVal(Quadrants):
+        def val_dataloader(self):
+            return []
+
+    with pytest.raises(ConfigError, match="no val images"):
+        FID(TinyFeatures(), num_samples=8, splits=["val"]).evaluate(FakeGenerator(), NoVal())
