@@ -216,9 +216,11 @@ class WebImageTextDataset(IterableDataset):
                 yield item
             if self.stats.seen >= EARLY_CHECK_RECORDS:
                 self.stats.check(self.max_bad_fraction, require_good=False)
-        # The last stream of this pass to end also fails when no worker read a good record.
+        # The last stream of this pass to end judges the whole pass (and fails when no worker read a good
+        # record); an earlier one sees the other workers' counts half-way and judges only a large sample.
         last = self.stats.add(STREAMS_DONE) % num_workers == 0
-        self.stats.check(self.max_bad_fraction, require_good=last)
+        if last or self.stats.seen >= EARLY_CHECK_RECORDS:
+            self.stats.check(self.max_bad_fraction, require_good=last)
         if last:
             logger.info("%s: %s", self.stats.source, self.stats.summary())
 

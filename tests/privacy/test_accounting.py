@@ -51,22 +51,24 @@ def test_calibration_after_a_history_spends_the_budget_left():
 
     from dpldm.privacy.accounting import calibrate_noise
 
-    q, delta = 0.01, 1e-5
+    q, delta = 0.05, 1e-5
     # No history: Opacus's own search, to the same number.
-    assert calibrate_noise(8.0, delta, q, 500) == get_noise_multiplier(
-        target_epsilon=8.0, target_delta=delta, sample_rate=q, steps=500, accountant="prv")
-    history = [(1.0, q, 300)]
-    spent = epsilon_for(1.0, q, 300, delta)
-    sigma = calibrate_noise(8.0, delta, q, 500, history=history)
-    total = epsilon_for(sigma, q, 500, delta, history=history)
+    assert calibrate_noise(8.0, delta, q, 100, "rdp") == get_noise_multiplier(
+        target_epsilon=8.0, target_delta=delta, sample_rate=q, steps=100, accountant="rdp")
+    history = [(1.0, q, 60)]
+    spent = epsilon_for(1.0, q, 60, delta, "rdp")
+    sigma = calibrate_noise(8.0, delta, q, 100, "rdp", history=history)
+    total = epsilon_for(sigma, q, 100, delta, "rdp", history=history)
     assert spent < total <= 8.0 and 8.0 - total <= 0.01 + 1e-9
     with pytest.raises(ValueError, match="no noise multiplier"):
-        calibrate_noise(spent * 0.9, delta, q, 10, history=history)  # the history alone spends more
+        calibrate_noise(spent * 0.9, delta, q, 10, "rdp", history=history)  # the history alone spends more
 
 
 def test_steps_within_the_budget_count_the_history():
-    q, delta = 0.01, 1e-5
-    history = [(1.0, q, 300)]
-    extra = max_steps_within(8.0, 1.5, q, delta, history=history, limit=100_000)
-    assert epsilon_for(1.5, q, extra, delta, history=history) <= 8.0 < epsilon_for(1.5, q, extra + 1, delta, history=history)
-    assert extra < max_steps_within(8.0, 1.5, q, delta, limit=100_000)
+    q, delta = 0.05, 1e-5
+    history = [(1.0, q, 60)]
+    extra = max_steps_within(8.0, 1.5, q, delta, "rdp", history=history, limit=5_000)
+    assert 0 < extra < 5_000
+    assert (epsilon_for(1.5, q, extra, delta, "rdp", history=history) <= 8.0
+            < epsilon_for(1.5, q, extra + 1, delta, "rdp", history=history))
+    assert extra < max_steps_within(8.0, 1.5, q, delta, "rdp", limit=5_000)
