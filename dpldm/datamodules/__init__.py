@@ -9,6 +9,7 @@ from dpldm.datamodules.glyphs import GlyphDataset, GlyphsDataModule
 from dpldm.datamodules.imagenet32 import ImageNet32DataModule
 from dpldm.datamodules.laion import LaionDataModule, WebImageTextDataset
 from dpldm.datamodules.latent_cache import LatentCacheDataModule, LatentCacheDataset
+from dpldm.datamodules.mnist import MNISTDataModule
 
 __all__ = [
     "CIFAR10DataModule",
@@ -21,6 +22,7 @@ __all__ = [
     "LaionDataModule",
     "LatentCacheDataModule",
     "LatentCacheDataset",
+    "MNISTDataModule",
     "TensorImageDataset",
     "WebImageTextDataset",
 ]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dpldm.datamodules import FashionMNISTDataModule
-from dpldm.datamodules.fashion_mnist import read_idx
+from dpldm.datamodules.idx import read_idx
 from dpldm.errors import ConfigError
 
 
