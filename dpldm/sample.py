@@ -27,7 +27,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     cond.add_argument("--labels", nargs="+", help="class indices, or 'all' (class-conditional models)")
     p.add_argument("--repeat", type=int, default=1, help="samples per prompt or label (default 1)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's)")
-    p.add_argument("--steps", type=int, help="DDIM steps (default: the model's)")
+    p.add_argument("--steps", type=int, help="solver steps (default: the model's)")
+    p.add_argument("--solver", choices=["ddim", "dpm_solver++"], help="the sampler (default: the model's)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity, 0 = deterministic")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64, help="samples per batch (fit it to memory)")
@@ -60,7 +61,8 @@ def conditions(model: torch.nn.Module, prompts: str | None, labels: list[str] | 
 
 
 def sample(model: torch.nn.Module, conds: list, out: str, batch_size: int = 64, seed: int = 0,
-           guidance: float | None = None, steps: int | None = None, eta: float = 0.0, nrow: int = 8) -> np.ndarray:
+           guidance: float | None = None, steps: int | None = None, eta: float = 0.0, nrow: int = 8,
+           solver: str | None = None) -> np.ndarray:
     """Sample one image per condition and write PNGs, ``samples.npz`` and ``grid.png`` to ``out``.
 
     Returns:
@@ -75,7 +77,7 @@ def sample(model: torch.nn.Module, conds: list, out: str, batch_size: int = 64, 
         chunk = conds[start:start + batch_size]
         cond = chunk if isinstance(chunk[0], str) else torch.tensor(chunk, device=device)
         gen = torch.Generator(device).manual_seed(seed + k)
-        images.append(model.sample(cond, guidance, steps, generator=gen, eta=eta).cpu())
+        images.append(model.sample(cond, guidance, steps, generator=gen, eta=eta, solver=solver).cpu())
     x = torch.cat(images)  # [N, C, H, W] in [-1, 1]
     save_grid(x, os.path.join(out, "grid.png"), nrow)
     x = (x + 1) / 2
@@ -95,5 +97,5 @@ def main(argv: list[str]) -> None:
     conds = conditions(model, args.prompts, args.labels, args.repeat)
     out = args.out or os.path.join(args.run, "samples")
     nrow = args.repeat if args.repeat > 1 else min(8, len(conds))
-    sample(model, conds, out, args.batch_size, args.seed, args.guidance, args.steps, args.eta, nrow)
+    sample(model, conds, out, args.batch_size, args.seed, args.guidance, args.steps, args.eta, nrow, args.solver)
     print(f"{len(conds)} samples -> {out}/ (PNGs, samples.npz, grid.png)")

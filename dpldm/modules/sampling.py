@@ -1,16 +1,32 @@
-"""DDIM sampling (Song et al., 2021) with classifier-free guidance (Ho & Salimans, 2022).
+"""Sampling with classifier-free guidance (Ho & Salimans, 2022): DDIM (Song et al., 2021) or DPM-Solver++
+(Lu et al., 2022; second-order multistep: as good in 10-20 steps as DDIM in 50).
 
 Guided prediction: eps = eps(z, null) + s * (eps(z, c) - eps(z, null)); s = 1 is plain conditional
-sampling. Conditional and unconditional halves run as one batch of 2B.
+sampling. Conditional and unconditional halves run as one batch of 2B. Both solvers reuse the training
+schedule's betas and prediction type.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from torch import Tensor
 
 from dpldm.modules.conditioning import Conditioner
+
+Solver = Literal["ddim", "dpm_solver++"]
+
+
+def solver_scheduler(train_scheduler: DDPMScheduler, solver: Solver) -> DDIMScheduler | DPMSolverMultistepScheduler:
+    """The sampling scheduler of ``solver`` on the training schedule."""
+    if solver == "ddim":
+        return DDIMScheduler.from_config(train_scheduler.config)
+    if solver == "dpm_solver++":
+        return DPMSolverMultistepScheduler.from_config(train_scheduler.config, algorithm_type="dpmsolver++",
+                                                       solver_order=2)
+    raise ValueError(f"unknown solver {solver!r} (ddim or dpm_solver++)")
 
 
 @torch.no_grad()
@@ -25,6 +41,7 @@ def sample_latents(
     eta: float = 0.0,
     generator: torch.Generator | None = None,
     progress: bool = False,
+    solver: Solver = "ddim",
 ) -> Tensor:
     """Draw latents z_0 for a batch of conditions.
 
@@ -34,17 +51,18 @@ def sample_latents(
         cond: a batch of B conditions (labels [B] or B captions).
         train_scheduler: the training noise schedule; DDIM reuses its betas and prediction type.
         shape: latent shape (c, h, w).
-        num_steps: DDIM steps.
+        num_steps: solver steps.
         guidance_scale: s; 1 disables guidance (and halves the cost).
         eta: DDIM stochasticity (0 = deterministic).
         generator: RNG for the initial noise and eta > 0.
         progress: show a progress bar.
+        solver: ``ddim`` or ``dpm_solver++``.
 
     Returns:
         Latents [B, c, h, w].
     """
     device = next(unet.parameters()).device
-    scheduler = DDIMScheduler.from_config(train_scheduler.config)
+    scheduler = solver_scheduler(train_scheduler, solver)
     scheduler.set_timesteps(num_steps, device=device)
     b = len(cond)
     ctx = conditioner(cond)  # [B, T, D]
@@ -62,5 +80,6 @@ def sample_latents(
         if guidance_scale != 1.0:
             out_null, out_cond = out.chunk(2)
             out = out_null + guidance_scale * (out_cond - out_null)
-        z = scheduler.step(out, t, z, eta=eta, generator=generator).prev_sample
+        extra = {"eta": eta} if solver == "ddim" else {}
+        z = scheduler.step(out, t, z, generator=generator, **extra).prev_sample
     return z

@@ -27,6 +27,7 @@ def dp_update(model, engine, data, noise_draws):
 @pytest.mark.parametrize("mode", ["fast", "ghost"])
 @pytest.mark.parametrize("noise_draws, physical, kind", [
     (1, 7, "attention"), (3, 7, "attention"), (2, 3, "attention"), (2, 4, "full"), (1, 7, "cross_attention"),
+    (2, 3, "lora"),
 ])
 def test_modes_give_the_same_clipped_noised_update(mode, noise_draws, physical, kind):
     data, updates = batch(7), {}

@@ -12,15 +12,16 @@ from lightning.pytorch.loggers import CSVLogger
 from dpldm.datamodules import DigitsDataModule
 from dpldm.errors import ConfigError
 from dpldm.modules import ClassEmbedder, FrozenAutoencoder, LatentDiffusion, build_autoencoder, build_unet
-from dpldm.privacy import DifferentialPrivacy, epsilon_for
+from dpldm.privacy import DifferentialPrivacy, TrainableScope, epsilon_for
 from tests.conftest import TINY_AE, TINY_UNET
 
 
-def dp_model(**privacy):
+def dp_model(scope=None, **privacy):
     torch.manual_seed(0)
     settings = {"epsilon": 8.0, "seed": 0, "max_physical_batch_size": 8, **privacy}
     return LatentDiffusion(build_unet(**TINY_UNET), FrozenAutoencoder(build_autoencoder(**TINY_AE)),
-                           ClassEmbedder(10, embed_dim=16), noise_draws=2, privacy=DifferentialPrivacy(**settings))
+                           ClassEmbedder(10, embed_dim=16), noise_draws=2, scope=scope,
+                           privacy=DifferentialPrivacy(**settings))
 
 
 def trainer(tmp_path, max_steps, callbacks=(), **kw):
@@ -33,8 +34,9 @@ def data():
     return DigitsDataModule(image_size=8, batch_size=16)
 
 
-def test_only_the_scope_changes_and_optimizer_matches_requires_grad(tmp_path):
-    model = dp_model()
+@pytest.mark.parametrize("kind", ["attention", "lora"])
+def test_only_the_scope_changes_and_optimizer_matches_requires_grad(tmp_path, kind):
+    model = dp_model(TrainableScope(kind))
     before = copy.deepcopy(model.state_dict())
     t = trainer(tmp_path, 3, enable_checkpointing=False)
     t.fit(model, data())
@@ -45,6 +47,20 @@ def test_only_the_scope_changes_and_optimizer_matches_requires_grad(tmp_path):
     assert changed and changed <= trained  # everything outside the scope is bit-identical
     assert not any("resnets" in n for n in trained) and not model.autoencoder.training
     assert model.dp.accountant.steps == 3
+    if kind == "lora":  # no UNet weight trained: only the adapters (and the class embedding)
+        assert all(".lora_" in n for n in trained if n.startswith("unet."))
+        assert any(".lora_B." in n for n in changed)
+        model.export_pretrained(str(tmp_path / "export"))  # merged: a plain diffusers UNet
+        from diffusers import UNet2DConditionModel
+
+        exported = UNet2DConditionModel.from_pretrained(str(tmp_path / "export" / "unet"))
+        assert not any("lora" in n for n in exported.state_dict())
+        x, t = torch.randn(2, 4, 4, 4), torch.tensor([5, 500])
+        ctx = model.conditioner(torch.tensor([1, 2]))
+        model.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(exported(x, t, encoder_hidden_states=ctx).sample,
+                                       model.unet(x, t, encoder_hidden_states=ctx).sample, rtol=1e-4, atol=1e-5)
 
 
 def _logged(tmp_path):

@@ -21,7 +21,18 @@ def make_model(noise_draws=1, kind="attention"):
     model = LatentDiffusion(build_unet(**TINY_UNET), FrozenAutoencoder(build_autoencoder(**TINY_AE)),
                             ClassEmbedder(10, embed_dim=16), noise_draws=noise_draws, cond_drop_prob=0.2,
                             scope=TrainableScope(kind), privacy=DifferentialPrivacy(epsilon=10, seed=0))
+    if kind == "lora":
+        perturb_lora(model.unet)
     return model.train()
+
+
+def perturb_lora(unet):
+    """LoRA starts at B = 0, where A's gradient is 0 too: random B, so both are tested."""
+    from peft.tuners.lora import LoraLayer
+
+    for m in unet.modules():
+        if isinstance(m, LoraLayer):
+            torch.nn.init.normal_(m.lora_B["default"].weight, std=0.1)
 
 
 def make_engine(model, batch_size, sigma=1.0, clip=1.0, clipping="hooks", physical=64):
@@ -66,7 +77,7 @@ def brute_force_grads(model, engine, data, physical=None):
 
 
 @pytest.mark.parametrize("noise_draws", [1, 3])
-@pytest.mark.parametrize("kind", ["attention", "full"])
+@pytest.mark.parametrize("kind", ["attention", "full", "lora"])
 def test_per_example_gradients_match_brute_force(noise_draws, kind):
     model = make_model(noise_draws, kind)
     engine = make_engine(model, 6)

@@ -4,7 +4,7 @@ from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
 from dpldm.errors import ConfigError
 from dpldm.modules import ClassEmbedder, build_unet
-from dpldm.privacy.scope import TrainableScope, attention_blocks, block_resolution
+from dpldm.privacy.scope import TrainableScope, attention_blocks, block_resolution, merged_unet
 from tests.conftest import TINY_UNET
 
 
@@ -93,3 +93,33 @@ def test_text_conditioner_contributes_only_its_projection():
                                                                                "cond.projection.bias"}
     TrainableScope("attention", conditioner=False).apply(unet, text)
     assert not any(p.requires_grad for p in text.parameters())
+
+
+def test_lora_trains_only_adapters_on_the_attention_projections_and_merges_exactly():
+    from tests.privacy.test_engine import perturb_lora
+
+    unet, emb = _parts()
+    base = {n: p.clone() for n, p in unet.named_parameters()}
+    TrainableScope("lora", lora_rank=2, blocks=[0]).apply(unet, emb)
+    first = attention_blocks(unet)[0][0]
+    names = {n for n, p in unet.named_parameters() if p.requires_grad}
+    assert names and all(n.startswith(first + ".") and (".lora_A." in n or ".lora_B." in n) for n in names)
+    assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in names} >= {"to_q", "to_k", "to_v"}
+    assert all(p.shape[0] == 2 or p.shape[1] == 2 for n, p in unet.named_parameters() if n in names)  # rank 2
+    x, ctx = torch.randn(2, 4, 4, 4), emb(torch.tensor([1, 2]))
+    untouched = unet(x, 10, encoder_hidden_states=ctx).sample  # B = 0: the public model
+    perturb_lora(unet)
+    adapted = unet(x, 10, encoder_hidden_states=ctx).sample
+    assert not torch.allclose(adapted, untouched)
+    merged = merged_unet(unet)
+    assert type(merged) is type(unet) and set(merged.state_dict()) == set(base)  # a plain UNet again
+    torch.testing.assert_close(merged(x, 10, encoder_hidden_states=ctx).sample, adapted, rtol=1e-4, atol=1e-5)
+    assert any(".lora_A." in n for n, _ in unet.named_parameters())  # the training copy keeps its adapters
+
+
+def test_lora_settings_name_the_field():
+    with pytest.raises(ConfigError, match="scope.lora_rank"):
+        TrainableScope("lora", lora_rank=0)
+    unet, emb = _parts()
+    with pytest.raises(ConfigError, match="scope.lora_targets"):
+        TrainableScope("lora", lora_targets=["nowhere"]).apply(unet, emb)
