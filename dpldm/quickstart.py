@@ -50,17 +50,21 @@ def config_dir() -> str:
     return os.path.join(here, "configs", "quickstart")
 
 
+def pretrained_overrides(out: str) -> list[str]:
+    """Command-line overrides that make a fine-tune start from the public stages' exports under ``out``."""
+    return [f"--model.init_args.autoencoder.init_args.vae.init_args.path={out}/autoencoder/pretrained",
+            f"--model.init_args.unet.init_args.path={out}/ldm/pretrained",
+            f"--model.init_args.conditioner.init_args.init_from={out}/ldm/pretrained"]
+
+
 def stage_overrides(out: str, extra: dict[str, list[str]]) -> dict[str, list[str]]:
     """Command-line overrides that chain the stages through ``out``."""
-    ae = ["--model.init_args.autoencoder.init_args.vae.init_args.path", f"{out}/autoencoder/pretrained"]
+    ae = pretrained_overrides(out)[:1]
     return {
         "autoencoder": ["--trainer.default_root_dir", f"{out}/autoencoder", *extra.get("autoencoder", [])],
         "ldm": ["--trainer.default_root_dir", f"{out}/ldm", *ae, *extra.get("ldm", [])],
-        "finetune": ["--trainer.default_root_dir", f"{out}/finetune", *ae,
-                     "--model.init_args.unet.init_args.path", f"{out}/ldm/pretrained",
-                     "--model.init_args.conditioner.init_args.init_from", f"{out}/ldm/pretrained",
-                     "--data.init_args.cache_dir", f"{out}/finetune/latent-cache",
-                     *extra.get("finetune", [])],
+        "finetune": ["--trainer.default_root_dir", f"{out}/finetune", *pretrained_overrides(out),
+                     "--data.init_args.cache_dir", f"{out}/finetune/latent-cache", *extra.get("finetune", [])],
     }
 
 
@@ -116,8 +120,8 @@ def real_data_ceiling(datamodule: object, metric: DownstreamAccuracy, autoencode
     if autoencoder is not None:
         train_x = torch.cat([autoencoder.decode(autoencoder.encode(x)) for x in train_x.split(256)])
     test_x, test_y = real_images(datamodule, metric.test_samples)
-    return downstream_accuracy(train_x, train_y, test_x, test_y, source.num_classes, epochs=metric.epochs,
-                               seed=metric.sampling.seed)
+    return downstream_accuracy(metric.resize(train_x), train_y, metric.resize(test_x), test_y, source.num_classes,
+                               epochs=metric.epochs, width=metric.width, seed=metric.sampling.seed)
 
 
 def final_metrics(metrics: dict[str, float] | None) -> dict[str, float]:

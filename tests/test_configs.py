@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from dpldm.cli import DPLDMCLI
@@ -32,6 +33,9 @@ UNET_PATH = "--model.init_args.unet.init_args.path"
 CHAINS = {
     "quickstart": ("quickstart/autoencoder.yaml", "quickstart/ldm.yaml", "quickstart/finetune.yaml"),
     "cifar10": ("cifar10/autoencoder.yaml", "cifar10/ldm.yaml", "cifar10/finetune.yaml"),
+    # DPImageBench's benchmarks fine-tune the quickstart's public glyph stages
+    "mnist": ("quickstart/autoencoder.yaml", "quickstart/ldm.yaml", "mnist/finetune.yaml"),
+    "fashion": ("quickstart/autoencoder.yaml", "quickstart/ldm.yaml", "fashion/finetune.yaml"),
 }
 
 
@@ -46,9 +50,23 @@ def test_every_run_config_is_covered():
     assert set(run_configs()) == covered, "add new run configs to CHAINS so they are instantiated"
 
 
+def _mnist_family_root(name, tmp_path):
+    from tests.datamodules.test_fashion_mnist import write_idx
+    from tests.datamodules.test_mnist import write_mnist
+
+    root = tmp_path / name
+    root.mkdir()
+    if name == "mnist":
+        return write_mnist(root)
+    for split, n in (("train", 50), ("t10k", 20)):
+        write_idx(root / f"{split}-images-idx3-ubyte", np.random.default_rng(0).integers(0, 256, (n, 28, 28)), False)
+        write_idx(root / f"{split}-labels-idx1-ubyte", np.arange(n) % 10, False)
+    return root
+
+
 @pytest.mark.parametrize("name", sorted(CHAINS))
 def test_config_chain_instantiates(name, tmp_path, cifar_root, imagenet_root):
-    data = {"quickstart": [], "cifar10": ["--data.init_args.root", str(imagenet_root), "--data.init_args.max_train_batches", "3"]}[name]
+    data = {"cifar10": ["--data.init_args.root", str(imagenet_root), "--data.init_args.max_train_batches", "3"]}.get(name, [])
     ae_cfg, ldm_cfg, ft_cfg = CHAINS[name]
 
     cli = instantiate(ae_cfg, *data)
@@ -60,8 +78,10 @@ def test_config_chain_instantiates(name, tmp_path, cifar_root, imagenet_root):
     cli.model.export_pretrained(str(tmp_path / "ldm"))
 
     src = "--data.init_args.source.init_args"
-    ft_data = [f"{src}.root", str(cifar_root), f"{src}.download", "false"] if name == "cifar10" else []
-    init = ["--model.init_args.conditioner.init_args.init_from", str(tmp_path / "ldm")] if name == "quickstart" else []
+    ft_data = {"cifar10": [f"{src}.root", str(cifar_root), f"{src}.download", "false"]}.get(name, [])
+    if name in ("mnist", "fashion"):  # files the test writes
+        ft_data += [f"{src}.root", str(_mnist_family_root(name, tmp_path))]
+    init = ["--model.init_args.conditioner.init_args.init_from", str(tmp_path / "ldm")] if name != "cifar10" else []
     cli = instantiate(ft_cfg, *ft_data, AE_PATH, str(tmp_path / "ae"), UNET_PATH, str(tmp_path / "ldm"), *init)
     check_data_compatible(cli.model, cli.datamodule)
     data = getattr(cli.datamodule, "source", cli.datamodule)  # a latent cache is built at fit time
@@ -117,5 +137,24 @@ def test_every_config_on_private_data_is_dp():
         assert trainer.get("use_distributed_sampler") is False, rel
         assert trainer.get("limit_val_batches") == 0, rel  # no validation loss of private data
         assert not model["privacy"].get("init_args", {}).get("log_private_metrics", False), rel
-    assert {"quickstart/finetune.yaml", "cifar10/finetune.yaml", "laion/finetune.yaml"} <= set(private)
+    assert {"quickstart/finetune.yaml", "cifar10/finetune.yaml", "laion/finetune.yaml", "mnist/finetune.yaml",
+            "fashion/finetune.yaml"} <= set(private)
     assert not [r for r in private if "finetune" not in r and "tiny" not in r], "a non-fine-tune stage on private data"
+
+
+def test_the_benchmark_recipe_takes_a_dp_step_on_its_configs(tmp_path):
+    """A fast_dev_run of configs/fashion/finetune.yaml (the MNIST recipe on other files) on 50 written images: one
+    DP-SGD step at delta = 1e-5, with the recipe's EMA and solver, and the exported UNet loads."""
+    cli = instantiate("quickstart/autoencoder.yaml")
+    cli.model.vae.save_pretrained(tmp_path / "ae")
+    cli = instantiate("quickstart/ldm.yaml", AE_PATH, str(tmp_path / "ae"))
+    cli.model.export_pretrained(str(tmp_path / "ldm"))
+    src = "--data.init_args.source.init_args"
+    cli = DPLDMCLI(args=["fit", "--config", str(CONFIGS / "fashion" / "finetune.yaml"), AE_PATH, str(tmp_path / "ae"),
+                         UNET_PATH, str(tmp_path / "ldm"), "--model.init_args.conditioner.init_args.init_from",
+                         str(tmp_path / "ldm"), f"{src}.root", str(_mnist_family_root("fashion", tmp_path)),
+                         "--data.init_args.cache_dir", str(tmp_path / "cache"), "--data.init_args.batch_size", "8",
+                         "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.fast_dev_run", "1",
+                         "--trainer.logger", "false"])
+    assert cli.model.dp.accountant.steps == 1 and cli.model.dp.plan.delta == 1e-5
+    assert cli.model.ema is not None and cli.model.solver == "dpm_solver++"

@@ -57,7 +57,8 @@ def test_each_method_changes_only_what_it_names():
     assert "--model.init_args.privacy=null" in method_overrides("nonprivate")
     scratch = method_overrides("scratch")
     assert "--model.init_args.unet.init_args.weights=false" in scratch and any("kind=full" in a for a in scratch)
-    assert set(METHODS) == {"attention", "full", "scratch", "nonprivate"}
+    assert method_overrides("lora") == ["--model.init_args.scope.init_args.kind=lora"]
+    assert set(METHODS) == {"attention", "lora", "full", "scratch", "nonprivate"}
     with pytest.raises(ValueError, match="unknown method"):
         method_overrides("ghost")
 
@@ -139,10 +140,32 @@ def test_the_autoencoder_reference_trains_on_reconstructions(one_thread):
 
     data = DigitsDataModule(image_size=8, batch_size=64)
     data.prepare_data()
-    metric = SimpleNamespace(test_samples=None, epochs=4, sampling=SimpleNamespace(seed=0))
+    metric = SimpleNamespace(test_samples=None, epochs=4, sampling=SimpleNamespace(seed=0), width=32,
+                             resize=lambda x: x)
     real = real_data_ceiling(data, metric)
     assert real > 0.6  # chance is 0.1
     assert real_data_ceiling(data, metric, Through(1.0)) == real  # a perfect autoencoder changes nothing
     assert real_data_ceiling(data, metric, Through(0.0)) < 0.2  # one that loses everything: chance
     subset = Through(1.0)
     assert real_data_ceiling(data, metric, subset, max_items=300) < real and subset.seen == 300
+
+
+def test_mnist_report_prints_the_published_rows_beside_ours_in_percent(tmp_path):
+    rows = [_row("attention", 1.0, 0, 0.61, 9), _row("attention", 10.0, 0, 0.905, 5), _row("lora", 10.0, 0, 0.8, 6),
+            _row("nonprivate", None, 0, 0.97, 2)]
+    for r in rows:
+        r["cpu_minutes"] = 7.5
+    record = {"size": "mnist", "label": "MNIST", "protocol": "dpimagebench", "rows": rows, "real_data_classifier": 0.991,
+              "autoencoder_classifier": 0.98, "budget": [], "minutes": 3.0, "command": "dpldm experiment --size mnist",
+              "settings": {"privacy": {"max_grad_norm": 1.0}, "optimizer": {"class_path": "torch.optim.AdamW"},
+                           "batch_size": 1000, "recipe": {"noise_draws": 2, "max_steps": 120}, "metrics": []}}
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "mnist.json").write_text(json.dumps(record))
+    render(str(tmp_path / "results"), str(tmp_path / "results.md"))
+    doc = (tmp_path / "results.md").read_text()
+    assert "| **dpldm: DP fine-tune, attention only (DP-LDM)** | 61.0 | 90.5 |" in doc
+    assert "| **dpldm: DP fine-tune, LoRA on the attention projections (DP-LoRA)** | – | 80.0 |" in doc
+    assert "| DP-LDM (their re-run) (published) | 44.2 | 95.5 |" in doc and "| DPDM (published) | 89.2 | 97.7 |" in doc
+    assert "60,000 real training images scores 0.991" in doc and "'noise_draws': 2" in doc
+    assert "CPU minutes per run" in doc and "attention 7.5" in doc
+    assert (tmp_path / "results" / "mnist.png").stat().st_size > 10_000

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Literal
 
 import lightning.pytorch as L
 import torch
@@ -34,13 +35,15 @@ class SampleSettings:
     """How evaluation samples are drawn.
 
     Args:
-        num_steps: DDIM steps (``None``: the model's default).
+        num_steps: solver steps (``None``: the model's default).
+        solver: ``ddim`` or ``dpm_solver++`` (``None``: the model's default).
         guidance_scale: classifier-free guidance (``None``: the model's default).
         batch_size: samples per batch.
         seed: noise seed (the same for every evaluation, so they are comparable).
     """
 
     num_steps: int | None = None
+    solver: Literal["ddim", "dpm_solver++"] | None = None
     guidance_scale: float | None = None
     batch_size: int = 250
     seed: int = 0
@@ -66,7 +69,8 @@ def draw_samples(model: nn.Module, conds: Tensor | list[str], settings: SampleSe
         chunk = conds[start:start + settings.batch_size]
         chunk = chunk.to(device) if isinstance(chunk, Tensor) else chunk
         gen = torch.Generator(device).manual_seed(settings.seed + k)
-        out.append(model.sample(chunk, settings.guidance_scale, settings.num_steps, generator=gen).cpu())
+        out.append(model.sample(chunk, settings.guidance_scale, settings.num_steps, generator=gen,
+                                solver=settings.solver).cpu())
     return torch.cat(out)
 
 
@@ -214,14 +218,26 @@ class DownstreamAccuracy(SampleMetric):
         sampling: how samples are drawn.
         splits: the held-out splits to test on (``[val, test]``: ``val/downstream_acc`` to choose on,
             ``test/downstream_acc`` to report); default ``[test]``.
+        image_size: score at this side (samples and real images resized, antialiased), e.g. 28 for the MNIST
+            family as DPImageBench scores it; ``None``: the model's output size.
+        width: channel width of the classifier (:class:`~dpldm.metrics.downstream.SmallCNN`).
     """
 
     name = "downstream_acc"
 
     def __init__(self, num_samples: int = 5000, epochs: int = 10, test_samples: int | None = None,
-                 every_n_epochs: int = 0, sampling: SampleSettings | None = None, splits: list[str] | None = None):
+                 every_n_epochs: int = 0, sampling: SampleSettings | None = None, splits: list[str] | None = None,
+                 image_size: int | None = None, width: int = 32):
         super().__init__(num_samples, every_n_epochs, sampling, splits)
-        self.epochs, self.test_samples = epochs, test_samples
+        if image_size is not None and image_size < 8:
+            raise ConfigError("DownstreamAccuracy.image_size", image_size, "must be >= 8 (the classifier pools 3 times)")
+        self.epochs, self.test_samples, self.image_size, self.width = epochs, test_samples, image_size, width
+
+    def resize(self, images: Tensor) -> Tensor:
+        """Images [N, C, H, W] at the scoring side."""
+        from dpldm.metrics.downstream import resize
+
+        return images if self.image_size is None else resize(images, self.image_size)
 
     def compute(self, model: nn.Module, datamodule: object, images: Tensor, conds: Tensor | list[str]) -> dict:
         from dpldm.metrics import downstream
@@ -234,9 +250,9 @@ class DownstreamAccuracy(SampleMetric):
                 raise ConfigError("DownstreamAccuracy", split, f"needs labelled real images of the samples' shape "
                                   f"{tuple(images.shape[1:])}; the {split} split has {tuple(x.shape[1:])}"
                                   + (" without labels" if y is None else ""))
-        classifier = downstream.train_classifier(images, conds, model.conditioner.num_classes, epochs=self.epochs,
-                                                 seed=self.sampling.seed)
-        return {f"{split}/{self.name}": downstream.accuracy(classifier, x, y) for split, (x, y) in real.items()}
+        classifier = downstream.train_classifier(self.resize(images), conds, model.conditioner.num_classes,
+                                                 epochs=self.epochs, width=self.width, seed=self.sampling.seed)
+        return {f"{split}/{self.name}": downstream.accuracy(classifier, self.resize(x), y) for split, (x, y) in real.items()}
 
 
 class FID(SampleMetric):

@@ -64,6 +64,14 @@ def _translate(x: Tensor, shift: int, generator: torch.Generator) -> Tensor:
     return padded[b, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)  # [B, C, H, W]
 
 
+def resize(images: Tensor, size: int) -> Tensor:
+    """Images [N, C, H, W] in [-1, 1] resized to [N, C, size, size] (bilinear, antialiased; a no-op at that size)."""
+    if images.shape[-2:] == (size, size):
+        return images
+    return F.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False,
+                         antialias=True).clamp_(-1.0, 1.0)
+
+
 def _check_labelled(images: Tensor, labels: Tensor, num_classes: int) -> None:
     if images.ndim != 4 or labels.shape != images.shape[:1]:
         shapes = f"{tuple(images.shape)}, {tuple(labels.shape)}"
@@ -141,7 +149,7 @@ def accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int =
 
 def downstream_accuracy(
     train_images: Tensor, train_labels: Tensor, test_images: Tensor, test_labels: Tensor,
-    num_classes: int, epochs: int = 10, batch_size: int = 128, lr: float = 1e-3, seed: int = 0,
+    num_classes: int, epochs: int = 10, batch_size: int = 128, lr: float = 1e-3, width: int = 32, seed: int = 0,
     device: str = "cpu",
 ) -> float:
     """Accuracy on the real test set of a :class:`SmallCNN` trained on the (synthetic) train set.
@@ -152,7 +160,7 @@ def downstream_accuracy(
         test_images: real test images [M, C, H, W] in [-1, 1].
         test_labels: their labels [M].
         num_classes: K.
-        epochs, batch_size, lr, seed, device: training settings, as in :func:`train_classifier`.
+        epochs, batch_size, lr, width, seed, device: training settings, as in :func:`train_classifier`.
 
     Returns:
         Test accuracy in [0, 1].
@@ -161,7 +169,7 @@ def downstream_accuracy(
         raise ConfigError("downstream", (tuple(train_images.shape[1:]), tuple(test_images.shape[1:])),
                           "train and test images must share [C, H, W]")
     model = train_classifier(train_images, train_labels, num_classes, epochs=epochs, batch_size=batch_size,
-                             lr=lr, seed=seed, device=device)
+                             lr=lr, width=width, seed=seed, device=device)
     return accuracy(model, test_images, test_labels)
 
 
