@@ -207,9 +207,9 @@ def render(results_dir: str, doc: str) -> dict:
              "digits; δ = 1/(10N).", ""]
     for size in ("mnist", "fashion", "digits"):
         if size in records:
-            image = os.path.join(os.path.basename(results_dir), f"{size}.png")
-            plot(records[size], os.path.join(os.path.dirname(doc) or ".", image))
-            lines += section(records[size], image)
+            image = os.path.join(results_dir, f"{size}.png")  # beside its result file, linked relative to the doc
+            plot(records[size], image)
+            lines += section(records[size], os.path.relpath(image, os.path.dirname(os.path.abspath(doc))))
     discussion = os.path.join(results_dir, "discussion.md")  # hand-written reading of the numbers, if any
     if os.path.exists(discussion):
         with open(discussion) as f:

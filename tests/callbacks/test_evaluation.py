@@ -65,7 +65,7 @@ class FakeGenerator(L.LightningModule):
         self.conditioner, self.noise, self.calls = Conditioner(text), noise, 0
         self.layer = nn.Linear(1, 1)
 
-    def sample(self, cond, guidance_scale=None, num_steps=None, generator=None):
+    def sample(self, cond, guidance_scale=None, num_steps=None, generator=None, solver=None):
         self.calls += 1
         labels = torch.tensor([len(c) % 4 for c in cond]) if isinstance(cond, list) else cond
         return quadrant_images(labels.cpu(), self.noise, int(torch.randint(1000, (), generator=generator)))
@@ -109,6 +109,29 @@ def test_downstream_accuracy_is_at_chance_for_a_generator_that_ignores_labels():
 
     acc = DownstreamAccuracy(num_samples=200, epochs=5).evaluate(Ignores(), Quadrants(), step=0)
     assert acc["test/downstream_acc"] < 0.5
+
+
+def test_downstream_accuracy_scores_at_its_image_size_with_the_sampling_solver(monkeypatch):
+    """DPImageBench scores the MNIST family at 28x28: samples and real test images are resized alike before the
+    classifier sees them, and the settings' solver reaches the model."""
+    from dpldm.metrics import downstream
+
+    seen, solvers = [], []
+    train = downstream.train_classifier
+    monkeypatch.setattr(downstream, "train_classifier", lambda x, *a, **k: seen.append(x.shape) or train(x, *a, **k))
+
+    class Records(FakeGenerator):
+        def sample(self, cond, *args, solver=None, **kwargs):
+            solvers.append(solver)
+            return super().sample(cond, *args, **kwargs)
+
+    metric = DownstreamAccuracy(num_samples=200, epochs=5, image_size=8,
+                                sampling=SampleSettings(solver="dpm_solver++", num_steps=6))
+    acc = metric.evaluate(Records(), Quadrants(), step=0)
+    assert seen == [(200, 1, 8, 8)] and set(solvers) == {"dpm_solver++"}
+    assert acc["test/downstream_acc"] > 0.9  # quadrants survive the resize, real test images resized too
+    with pytest.raises(ConfigError, match="image_size"):
+        DownstreamAccuracy(image_size=4)
 
 
 def test_clip_score_callback_reports_a_score_for_its_prompts():
