@@ -126,15 +126,16 @@ def finetune_settings(config: str) -> dict:
                         for c in trainer["callbacks"] if "Grid" not in c["class_path"]]}
 
 
-REFERENCES = ("real_data_classifier", "autoencoder_classifier")
+REFERENCES = ("real_data_classifier", "autoencoder_classifier", "public_model")
 
 
-def references(size: str, args: argparse.Namespace, missing: tuple[str, ...] = REFERENCES) -> dict[str, float]:
-    """Not private, references only: the downstream CNN trained on real private training images
-    (``real_data_classifier``: all of them under DPImageBench's protocol, else as many as it gets samples), and on
-    as many reconstructions by the frozen public autoencoder as it gets samples (``autoencoder_classifier``: what
-    any model in that latent space could reach at best)."""
-    from dpldm.callbacks.evaluation import DownstreamAccuracy
+def references(size: str, args: argparse.Namespace, missing: tuple[str, ...] = REFERENCES) -> dict[str, object]:
+    """What frames the rows. Not private, references only: the downstream CNN trained on real private training
+    images (``real_data_classifier``: all of them under DPImageBench's protocol, else as many as it gets samples),
+    and on as many reconstructions by the frozen public autoencoder as it gets samples (``autoencoder_classifier``:
+    what any model in that latent space could reach at best). Private at epsilon = 0: ``public_model``, the
+    metrics of the public LDM itself, before any private step (what fine-tuning has to add to)."""
+    from dpldm.callbacks.evaluation import DownstreamAccuracy, SampleMetric
     from dpldm.cli import DPLDMCLI
 
     cli = DPLDMCLI(args=["--config", os.path.join(args.configs, SIZES[size].config), *base_overrides(size, args)],
@@ -143,8 +144,13 @@ def references(size: str, args: argparse.Namespace, missing: tuple[str, ...] = R
     every = SIZES[size].protocol == "dpimagebench"
     settings = {"real_data_classifier": (None, None if every else metric.num_samples),
                 "autoencoder_classifier": (cli.model.autoencoder, metric.num_samples)}
-    return {key: real_data_ceiling(cli.datamodule, metric, settings[key][0], max_items=settings[key][1])
-            for key in missing}
+    out: dict[str, object] = {key: real_data_ceiling(cli.datamodule, metric, *settings[key][:1],
+                                                     max_items=settings[key][1]) for key in missing if key in settings}
+    if "public_model" in missing:  # the same metrics, on samples of the public weights
+        model = cli.model.eval()
+        out["public_model"] = {k: v for cb in cli.trainer.callbacks if isinstance(cb, SampleMetric)
+                               for k, v in cb.evaluate(model, cli.datamodule).items()}
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -17,7 +17,8 @@ METRICS = {"test/downstream_acc": ("downstream accuracy", "higher is better"),
            "test/fid_glyph": ("FID-style distance (glyph features)", "lower is better")}
 LABELS = {"attention": "DP fine-tune, attention only (DP-LDM)",
           "lora": "DP fine-tune, LoRA on the attention projections (DP-LoRA)", "full": "DP fine-tune, full UNet",
-          "scratch": "DP from scratch (no pretraining)", "nonprivate": "non-private fine-tune, attention (ceiling)"}
+          "scratch": "DP from scratch (no pretraining)", "nonprivate": "non-private fine-tune, attention (ceiling)",
+          "public_model": "public LDM, no private step"}
 DP_METHODS = ("attention", "lora", "full", "scratch")
 # DPImageBench (Chen et al., CCS 2025), Table 4: downstream accuracy (%) at epsilon = 1 and 10, delta = 1e-5. Their
 # classifier: the mean of ResNet, WRN and ResNeXt trained on 60,000 samples at 28x28, tested on the real test set.
@@ -71,6 +72,9 @@ def table(record: dict, key: str) -> list[str]:
     ceiling = [r[key] for r in rows if r["method"] == "nonprivate" and key in r]
     if ceiling:
         lines.append(f"| {LABELS['nonprivate']} (ε = ∞) | " + " | ".join([_cell(ceiling)] * len(epsilons)) + " |")
+    public = (record.get("public_model") or {}).get(key)
+    if public is not None:  # what the private steps add to
+        lines.append(f"| {LABELS['public_model']} (ε = 0) | " + " | ".join([_cell([public])] * len(epsilons)) + " |")
     return lines
 
 
@@ -88,6 +92,8 @@ def plot(record: dict, path: str) -> None:
         ceiling = [r[key] for r in record["rows"] if r["method"] == "nonprivate" and key in r]
         if ceiling:
             ax.axhline(mean(ceiling), color="k", ls="--", lw=1, label=LABELS["nonprivate"])
+        if (record.get("public_model") or {}).get(key) is not None:
+            ax.axhline(record["public_model"][key], color="tab:brown", ls=":", lw=1, label=LABELS["public_model"])
         if key == "test/downstream_acc" and record.get("real_data_classifier"):
             ax.axhline(record["real_data_classifier"], color="grey", ls=":", lw=1, label="CNN on real training images")
         if key == "test/downstream_acc" and record.get("autoencoder_classifier"):
@@ -123,6 +129,9 @@ def published_table(record: dict) -> list[str]:
                  for e in (1.0, 10.0)]
         if any(c != "–" for c in cells):
             lines.append(f"| **dpldm: {LABELS[method]}** | " + " | ".join(cells) + " |")
+    public = (record.get("public_model") or {}).get(key)
+    if public is not None:
+        lines.append(f"| dpldm: {LABELS['public_model']} (ε = 0) | {100 * public:.1f} | {100 * public:.1f} |")
     lines += [f"| {method} (published) | {at1:.1f} | {at10:.1f} |" for method, (at1, at10) in PUBLISHED[record["size"]].items()]
     return lines + ["", "Protocol differences: DPImageBench's classifier is the mean of ResNet, WRN and ResNeXt trained "
                     "on 60,000 samples; ours is one small CNN (3 conv blocks) trained on the number of samples in the "

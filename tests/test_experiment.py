@@ -97,7 +97,8 @@ def test_the_plan_is_seed_major_resumes_after_an_interruption_and_scores_real_da
 
     monkeypatch.setattr(experiment, "run_stage", fake_stage)
     monkeypatch.setattr(experiment, "references",
-                        lambda size, args, missing: ceilings.append((size, missing)) or dict.fromkeys(missing, 0.9))
+                        lambda size, args, missing: ceilings.append((size, missing))
+                        or {k: {"test/downstream_acc": 0.2} if k == "public_model" else 0.9 for k in missing})
     for stage in ("autoencoder", "ldm"):
         (tmp_path / "public" / stage / "pretrained").mkdir(parents=True)
     argv = ["--size", "digits", "--seeds", "2", "--epsilons", "1", "10", "--methods", "attention", "nonprivate",
@@ -119,6 +120,7 @@ def test_the_plan_is_seed_major_resumes_after_an_interruption_and_scores_real_da
     record = json.loads((tmp_path / "results" / "digits.json").read_text())
     assert len(record["rows"]) == 5 and record["real_data_classifier"] == record["autoencoder_classifier"] == 0.9
     assert "| DP fine-tune, attention only (DP-LDM) | 0.500 ± 0.000 |" in (tmp_path / "results.md").read_text()
+    assert "| public LDM, no private step (ε = 0) | 0.200 | 0.200 |" in (tmp_path / "results.md").read_text()
 
 
 def test_the_autoencoder_reference_trains_on_reconstructions(one_thread):
@@ -156,7 +158,7 @@ def test_mnist_report_prints_the_published_rows_beside_ours_in_percent(tmp_path)
     for r in rows:
         r["cpu_minutes"] = 7.5
     record = {"size": "mnist", "label": "MNIST", "protocol": "dpimagebench", "rows": rows, "real_data_classifier": 0.991,
-              "autoencoder_classifier": 0.98, "budget": [], "minutes": 3.0, "command": "dpldm experiment --size mnist",
+              "autoencoder_classifier": 0.98, "public_model": {"test/downstream_acc": 0.42}, "budget": [], "minutes": 3.0, "command": "dpldm experiment --size mnist",
               "settings": {"privacy": {"max_grad_norm": 1.0}, "optimizer": {"class_path": "torch.optim.AdamW"},
                            "batch_size": 1000, "recipe": {"noise_draws": 2, "max_steps": 120}, "metrics": []}}
     (tmp_path / "results").mkdir()
@@ -166,6 +168,7 @@ def test_mnist_report_prints_the_published_rows_beside_ours_in_percent(tmp_path)
     assert "| **dpldm: DP fine-tune, attention only (DP-LDM)** | 61.0 | 90.5 |" in doc
     assert "| **dpldm: DP fine-tune, LoRA on the attention projections (DP-LoRA)** | – | 80.0 |" in doc
     assert "| DP-LDM (their re-run) (published) | 44.2 | 95.5 |" in doc and "| DPDM (published) | 89.2 | 97.7 |" in doc
+    assert "| dpldm: public LDM, no private step (ε = 0) | 42.0 | 42.0 |" in doc
     assert "60,000 real training images scores 0.991" in doc and "'noise_draws': 2" in doc
     assert "CPU minutes per run" in doc and "attention 7.5" in doc
     assert (tmp_path / "results" / "mnist.png").stat().st_size > 10_000
