@@ -20,6 +20,7 @@ LABELS = {"attention": "DP fine-tune, attention only (DP-LDM)",
           "scratch": "DP from scratch (no pretraining)", "nonprivate": "non-private fine-tune, attention (ceiling)",
           "public_model": "public LDM, no private step"}
 DP_METHODS = ("attention", "lora", "full", "scratch")
+COLORS = {"attention": "tab:blue", "lora": "tab:orange", "full": "tab:green", "scratch": "tab:red"}
 ORDER = ("mnist", "fashion", "digits")  # the report's sections
 NAMES = {"mnist": "MNIST", "fashion": "Fashion-MNIST", "digits": "Digits"}
 # DPImageBench (Chen et al., CCS 2025), Table 4: downstream accuracy (%) at epsilon = 1 and 10, delta = 1e-5. Their
@@ -82,14 +83,15 @@ def table(record: dict, key: str) -> list[str]:
 
 def plot(record: dict, path: str) -> None:
     """Both metrics against epsilon, a line per method (mean over seeds, each seed a dot)."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.8))
     for ax, (key, (name, better)) in zip(axes, METRICS.items()):
         for method in DP_METHODS:
             pts = [(r["epsilon"], r[key]) for r in record["rows"] if r["method"] == method and key in r]
             if not pts:
                 continue
             eps = sorted({e for e, _ in pts})
-            line = ax.plot(eps, [mean(v for e2, v in pts if e2 == e) for e in eps], marker="o", label=LABELS[method])
+            line = ax.plot(eps, [mean(v for e2, v in pts if e2 == e) for e in eps], marker="o", label=LABELS[method],
+                           color=COLORS[method])  # the same colour in every data set's plot
             ax.scatter(*zip(*pts), s=10, color=line[0].get_color(), alpha=0.5)
         ceiling = [r[key] for r in record["rows"] if r["method"] == "nonprivate" and key in r]
         if ceiling:
@@ -109,9 +111,12 @@ def plot(record: dict, path: str) -> None:
         ax.set_xlabel("ε")
         ax.set_title(f"{name} ({better})", fontsize=9)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=6, ncol=2 if published(record) else 1)
+    axes[0].set_ylim(0, 1)
+    handles, labels = axes[0].get_legend_handles_labels()  # below both panels: the curves stay visible
+    rows = -(-len(labels) // 3)
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)
     fig.suptitle(record["label"], fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.042 * rows, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
