@@ -144,8 +144,10 @@ def references(size: str, args: argparse.Namespace, missing: tuple[str, ...] = R
     every = SIZES[size].protocol == "dpimagebench"
     settings = {"real_data_classifier": (None, None if every else metric.num_samples),
                 "autoencoder_classifier": (cli.model.autoencoder, metric.num_samples)}
-    out: dict[str, object] = {key: real_data_ceiling(cli.datamodule, metric, *settings[key][:1],
-                                                     max_items=settings[key][1]) for key in missing if key in settings}
+    out: dict[str, object] = {}
+    for key in (k for k in missing if k in settings):
+        autoencoder, max_items = settings[key]
+        out[key] = real_data_ceiling(cli.datamodule, metric, autoencoder, max_items=max_items)
     if "public_model" in missing:  # the same metrics, on samples of the public weights
         model = cli.model.eval()
         out["public_model"] = {k: v for cb in cli.trainer.callbacks if isinstance(cb, SampleMetric)
