@@ -172,3 +172,32 @@ def test_mnist_report_prints_the_published_rows_beside_ours_in_percent(tmp_path)
     assert "60,000 real training images scores 0.991" in doc and "'noise_draws': 2" in doc
     assert "CPU minutes per run" in doc and "attention 7.5" in doc
     assert (tmp_path / "results" / "mnist.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("size, real_items", [("mnist", None), ("digits", 1000)])
+def test_references_score_real_data_reconstructions_and_the_untrained_public_model(size, real_items, monkeypatch):
+    """DPImageBench's reference CNN trains on every real training image (the quickstart's on as many as it gets
+    samples); the autoencoder's on as many reconstructions as samples; the public model is scored by every metric
+    callback of the config, on its own samples, before any private step."""
+    from types import SimpleNamespace
+
+    import dpldm.cli
+    from dpldm import experiment
+    from dpldm.callbacks.evaluation import FID, DownstreamAccuracy
+
+    acc, fid = DownstreamAccuracy(num_samples=1000), FID.__new__(FID)
+    acc.evaluate = lambda model, data: {"test/downstream_acc": 0.4 if model.training is False else -1}
+    fid.evaluate = lambda model, data: {"test/fid_glyph": 9.0}
+    model = SimpleNamespace(autoencoder="the public autoencoder", training=True)
+    model.eval = lambda: setattr(model, "training", False) or model
+    cli = SimpleNamespace(trainer=SimpleNamespace(callbacks=[acc, fid]), model=model, datamodule="data")
+    monkeypatch.setattr(dpldm.cli, "DPLDMCLI", lambda args, run: cli)
+    seen = []
+    monkeypatch.setattr(experiment, "real_data_ceiling", lambda data, metric, autoencoder=None, max_items=None:
+                        seen.append((autoencoder, max_items)) or 0.9)
+    args = SimpleNamespace(configs=experiment.CONFIGS, public="public", out="out")
+    refs = experiment.references(size, args)
+    assert seen == [(None, real_items), ("the public autoencoder", 1000)]
+    assert refs == {"real_data_classifier": 0.9, "autoencoder_classifier": 0.9,
+                    "public_model": {"test/downstream_acc": 0.4, "test/fid_glyph": 9.0}}  # scored in eval mode
+    assert experiment.references(size, args, ("public_model",)).keys() == {"public_model"} and len(seen) == 2
