@@ -61,6 +61,9 @@ def test_only_the_scope_changes_and_optimizer_matches_requires_grad(tmp_path, ki
         with torch.no_grad():
             torch.testing.assert_close(exported(x, t, encoder_hidden_states=ctx).sample,
                                        model.unet(x, t, encoder_hidden_states=ctx).sample, rtol=1e-4, atol=1e-5)
+        reloaded = dp_model(TrainableScope(kind))  # as load_run rebuilds a run: adapters first, then the weights
+        reloaded.load_state_dict(model.state_dict())  # strict: the same adapter keys
+        assert all(torch.equal(v, model.state_dict()[n]) for n, v in reloaded.state_dict().items())
 
 
 def _logged(tmp_path):
