@@ -75,7 +75,7 @@ def table(record: dict, key: str) -> list[str]:
     ceiling = [r[key] for r in rows if r["method"] == "nonprivate" and key in r]
     if ceiling:
         lines.append(f"| {LABELS['nonprivate']} (ε = ∞) | " + " | ".join([_cell(ceiling)] * len(epsilons)) + " |")
-    public = (record.get("public_model") or {}).get(key)
+    public = public_value(record, key)
     if public is not None:  # what the private steps add to
         lines.append(f"| {LABELS['public_model']} (ε = 0) | " + " | ".join([_cell([public])] * len(epsilons)) + " |")
     return lines
@@ -96,15 +96,16 @@ def plot(record: dict, path: str) -> None:
         ceiling = [r[key] for r in record["rows"] if r["method"] == "nonprivate" and key in r]
         if ceiling:
             ax.axhline(mean(ceiling), color="k", ls="--", lw=1, label=LABELS["nonprivate"])
-        if (record.get("public_model") or {}).get(key) is not None:
-            ax.axhline(record["public_model"][key], color="tab:brown", ls=":", lw=1, label=LABELS["public_model"])
+        if public_value(record, key) is not None:
+            ax.axhline(public_value(record, key), color="tab:brown", ls=":", lw=1, label=LABELS["public_model"])
         if key == "test/downstream_acc" and record.get("real_data_classifier"):
             ax.axhline(record["real_data_classifier"], color="grey", ls=":", lw=1, label="CNN on real training images")
         if key == "test/downstream_acc" and record.get("autoencoder_classifier"):
             ax.axhline(record["autoencoder_classifier"], color="grey", ls="-.", lw=1,
                        label="CNN on autoencoder reconstructions")
         if key == "test/downstream_acc" and published(record):  # DPImageBench's rows, dashed
-            for (method, (at1, at10)), color in zip(PUBLISHED[record["size"]].items(), plt.cm.Greys([.9, .8, .7, .6, .5, .4])):
+            greys = plt.cm.Greys([.9, .8, .7, .6, .5, .4])
+            for (method, (at1, at10)), color in zip(PUBLISHED[record["size"]].items(), greys):
                 ax.plot([1, 10], [at1 / 100, at10 / 100], ls="--", lw=0.8, marker="x", color=color,
                         label=f"{method} (published)")
         ax.set_xscale("log")
@@ -119,6 +120,11 @@ def plot(record: dict, path: str) -> None:
     fig.tight_layout(rect=(0, 0.042 * rows, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def public_value(record: dict, key: str) -> float | None:
+    """The public model's ``key`` before any private step (``None`` where the record has no such reference)."""
+    return (record.get("public_model") or {}).get(key)
 
 
 def published(record: dict) -> bool:
@@ -136,7 +142,7 @@ def published_table(record: dict) -> list[str]:
                  for e in (1.0, 10.0)]
         if any(c != "–" for c in cells):
             lines.append(f"| **dpldm: {LABELS[method]}** | " + " | ".join(cells) + " |")
-    public = (record.get("public_model") or {}).get(key)
+    public = public_value(record, key)
     if public is not None:
         lines.append(f"| dpldm: {LABELS['public_model']} (ε = 0) | {100 * public:.1f} | {100 * public:.1f} |")
     lines += [f"| {method} (published) | {at1:.1f} | {at10:.1f} |" for method, (at1, at10) in PUBLISHED[record["size"]].items()]
@@ -159,18 +165,15 @@ def section(record: dict, image: str) -> list[str]:
         lines += [f"**{name}** ({better}; mean ± sd over seeds):", "", *table(record, key), ""]
     if published(record):
         lines += published_table(record)
-    if record.get("real_data_classifier") and published(record):
-        lines += [f"The same CNN trained on the 60,000 real training images scores {record['real_data_classifier']:.3f} "
-                  "(DPImageBench's reference row; not private)."
-                  + (f" Trained on 10,000 reconstructions by the frozen public autoencoder, it scores "
+    if record.get("real_data_classifier"):  # DPImageBench trains the reference on every real training image
+        real, recon, note = (("the 60,000 real training images", "10,000 reconstructions",
+                              "DPImageBench's reference row; not private") if published(record) else
+                             ("as many real private training images as it gets samples", "their reconstructions",
+                              "not private; a reference only"))
+        lines += [f"The same CNN trained on {real} scores {record['real_data_classifier']:.3f} ({note})."
+                  + (f" Trained on {recon} by the frozen public autoencoder, it scores "
                      f"{record['autoencoder_classifier']:.3f}: about the most any model in that latent space could "
                      "give." if record.get("autoencoder_classifier") else ""), ""]
-    elif record.get("real_data_classifier"):
-        lines += [f"The same CNN trained on as many real private training images as it gets samples scores "
-                  f"{record['real_data_classifier']:.3f} (not private; a reference only)."
-                  + (f" Trained on their reconstructions by the frozen public autoencoder, it scores "
-                     f"{record['autoencoder_classifier']:.3f}: the most any model in that latent space could give."
-                     if record.get("autoencoder_classifier") else ""), ""]
     if record["size"] == "fashion" and not published(record):
         lines += ["Published anchor (DPDM, TMLR 2023: diffusion in pixel space, trained from scratch with DP-SGD for "
                   "far more steps, δ = 1e-5): downstream accuracy " + ", ".join(
