@@ -1,6 +1,7 @@
 """``dpldm experiment``: the paper's central comparison on real data, on a CPU (DP-LDM, Lyu et al., 2024).
 
-With the same public pretraining (the quickstart's glyph autoencoder and glyph LDM), the same optimizer and
+With the same public pretraining (the quickstart's glyph autoencoder and glyph LDM; for MNIST the same stages on
+glyphs with handwriting-like strokes, ``configs/mnist/public.yaml``), the same optimizer and
 the same number of DP-SGD steps, train on the private set with:
 
   attention   DP fine-tuning of the attention modules only (DP-LDM)
@@ -48,6 +49,9 @@ class Size:
         seeds: the default seeds per setting.
         protocol: ``dpimagebench`` (the reference classifier trains on every real training image, and the
             report prints DPImageBench's published rows beside ours) or ``quickstart``.
+        public: the folder of its public stages (``autoencoder/``, ``ldm/``), built when missing.
+        public_config: a config laid over ``configs/quickstart/{autoencoder,ldm}.yaml`` for those stages
+            (relative to ``configs/``; only what differs), or None for the quickstart's stages as they are.
     """
 
     config: str
@@ -55,12 +59,15 @@ class Size:
     epsilons: tuple[float, ...]
     seeds: int
     protocol: Literal["quickstart", "dpimagebench"] = "quickstart"
+    public: str = "runs/quickstart"
+    public_config: str | None = None
 
 
 SIZES = {
     "digits": Size("quickstart/finetune.yaml", "scikit-learn digits (N = 1,437, 8x8 upsampled to 32x32)",
                    (1.0, 5.0, 10.0), 2),
-    "mnist": Size("mnist/finetune.yaml", "MNIST (N = 60,000; DPImageBench protocol)", (1.0, 10.0), 2, "dpimagebench"),
+    "mnist": Size("mnist/finetune.yaml", "MNIST (N = 60,000; DPImageBench protocol)", (1.0, 10.0), 2, "dpimagebench",
+                  "runs/mnist/public", "mnist/public.yaml"),
     "fashion": Size("fashion/finetune.yaml", "Fashion-MNIST (N = 60,000; DPImageBench protocol)", (1.0, 10.0), 2,
                     "dpimagebench"),
 }
@@ -111,14 +118,28 @@ def _save(record: dict, path: str) -> None:
     os.replace(path + ".part", path)
 
 
-def finetune_settings(config: str) -> dict:
-    """The shared settings of every run, as written in the fine-tune config."""
+def public_stages(size: Size, args: argparse.Namespace) -> None:
+    """Train the size's public stages (quickstart configs, with its overlay) under ``args.public`` if missing."""
+    overlay = ["--config", os.path.join(args.configs, size.public_config)] if size.public_config else []
+    for stage in ("autoencoder", "ldm"):
+        if not os.path.isdir(os.path.join(args.public, stage, "pretrained")):
+            run_stage(stage, os.path.join(args.configs, "quickstart", f"{stage}.yaml"),
+                      [*overlay, *stage_overrides(args.public, {})[stage]], ceiling=False)
+
+
+def finetune_settings(configs: str, size: Size) -> dict:
+    """The shared settings of every run of ``size``, as written in its fine-tune config under ``configs``, and
+    its public stages' overlay (a change of the public model starts the size's results over)."""
     import yaml
 
-    with open(config) as f:
+    with open(os.path.join(configs, size.config)) as f:
         cfg = yaml.safe_load(f)
     model, trainer = cfg["model"]["init_args"], cfg["trainer"]
-    return {"privacy": model["privacy"]["init_args"], "optimizer": model["optimizer"],
+    public = {}
+    if size.public_config:
+        with open(os.path.join(configs, size.public_config)) as f:
+            public = {"public": {"config": size.public_config, **yaml.safe_load(f)}}
+    return {**public, "privacy": model["privacy"]["init_args"], "optimizer": model["optimizer"],
             "batch_size": cfg["data"]["init_args"]["batch_size"],
             "recipe": {k: model[k] for k in ("noise_draws", "ema_decay", "solver", "scope") if k in model}
             | {k: trainer[k] for k in ("max_steps", "max_epochs") if trainer.get(k) is not None},
@@ -162,7 +183,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--epsilons", type=float, nargs="+", default=None, help="default: 1 5 10 digits, 1 10 the others")
     p.add_argument("--seeds", type=int, default=None, help="seeds per setting (default: 2)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    p.add_argument("--public", default="runs/quickstart", help="the quickstart's output (public stages 1-2)")
+    p.add_argument("--public", default=None,
+                   help="its public stages 1-2 (default: runs/mnist/public for mnist, else runs/quickstart)")
     p.add_argument("--configs", default=CONFIGS, help="the configs folder (quickstart/ and one per size)")
     p.add_argument("--out", default="runs/experiment", help="runs go to OUT/SIZE/METHOD-epsE-seedS")
     p.add_argument("--results", default="docs/results", help="folder of the per-size result files")
@@ -176,15 +198,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.report_only:
         return render(args.results, args.doc)
-    for stage in ("autoencoder", "ldm"):
-        if not os.path.isdir(os.path.join(args.public, stage, "pretrained")):
-            run_stage(stage, os.path.join(args.configs, "quickstart", f"{stage}.yaml"),
-                      stage_overrides(args.public, {})[stage])
     size = SIZES[args.size]
+    args.public = args.public or size.public
+    public_stages(size, args)
     seeds, epsilons = args.seeds or size.seeds, args.epsilons or list(size.epsilons)
     path = os.path.join(args.results, f"{args.size}.json")
     record = {"size": args.size, "label": size.label, "protocol": size.protocol, "rows": [], **dict.fromkeys(REFERENCES),
-              "budget": args.override, "settings": finetune_settings(os.path.join(args.configs, size.config)),
+              "budget": args.override, "settings": finetune_settings(args.configs, size),
               "minutes": 0.0, "command": f"dpldm experiment --size {args.size}"}
     if os.path.exists(path) and not args.fresh:  # resume: keep the runs already done with the same settings
         with open(path) as f:

@@ -1,14 +1,19 @@
 """The experiment's report from result files, the methods' overrides, and a UNet "from scratch"."""
 
 import json
+import os
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from dpldm import experiment
 from dpldm.experiment import METHODS, method_overrides
 from dpldm.experiment_report import render
 from dpldm.modules import build_unet, load_unet
 from tests.conftest import TINY_UNET
+
+AE_ARG = "--model.init_args.autoencoder.init_args.vae.init_args.path"
 
 
 def _row(method, eps, seed, acc, fid):
@@ -77,9 +82,6 @@ def test_unet_from_scratch_has_the_pretrained_architecture_and_fresh_weights(tmp
 
 
 def test_the_plan_is_seed_major_resumes_after_an_interruption_and_scores_real_data_once(tmp_path, monkeypatch):
-    from types import SimpleNamespace
-
-    from dpldm import experiment
 
     calls, ceilings = [], []
     report = {"epsilon": 0.9, "delta": 1e-5, "noise_multiplier": 2.0, "sample_rate": 0.1, "steps": 3,
@@ -124,8 +126,6 @@ def test_the_plan_is_seed_major_resumes_after_an_interruption_and_scores_real_da
 
 
 def test_the_autoencoder_reference_trains_on_reconstructions(one_thread):
-    from types import SimpleNamespace
-
     from dpldm.datamodules import DigitsDataModule
     from dpldm.quickstart import real_data_ceiling
 
@@ -160,7 +160,8 @@ def test_mnist_report_prints_the_published_rows_beside_ours_in_percent(tmp_path)
     record = {"size": "mnist", "label": "MNIST", "protocol": "dpimagebench", "rows": rows, "real_data_classifier": 0.991,
               "autoencoder_classifier": 0.98, "public_model": {"test/downstream_acc": 0.42}, "budget": [], "minutes": 3.0, "command": "dpldm experiment --size mnist",
               "settings": {"privacy": {"max_grad_norm": 1.0}, "optimizer": {"class_path": "torch.optim.AdamW"},
-                           "batch_size": 1000, "recipe": {"noise_draws": 2, "max_steps": 120}, "metrics": []}}
+                           "batch_size": 1000, "recipe": {"noise_draws": 2, "max_steps": 120}, "metrics": [],
+                           "public": {"config": "mnist/public.yaml", "data": {"init_args": {"elastic": 2.0}}}}}
     (tmp_path / "results").mkdir()
     (tmp_path / "results" / "mnist.json").write_text(json.dumps(record))
     render(str(tmp_path / "results"), str(tmp_path / "results.md"))
@@ -171,6 +172,7 @@ def test_mnist_report_prints_the_published_rows_beside_ours_in_percent(tmp_path)
     assert "| dpldm: public LDM, no private step (ε = 0) | 42.0 | 42.0 |" in doc
     assert "60,000 real training images scores 0.991" in doc and "'noise_draws': 2" in doc
     assert "CPU minutes per run" in doc and "attention 7.5" in doc
+    assert "for MNIST, the same stages with `configs/mnist/public.yaml` laid over them (elastic = 2.0;" in doc
     assert (tmp_path / "results" / "mnist.png").stat().st_size > 10_000
 
 
@@ -179,10 +181,7 @@ def test_references_score_real_data_reconstructions_and_the_untrained_public_mod
     """DPImageBench's reference CNN trains on every real training image (the quickstart's on as many as it gets
     samples); the autoencoder's on as many reconstructions as samples; the public model is scored by every metric
     callback of the config, on its own samples, before any private step."""
-    from types import SimpleNamespace
-
     import dpldm.cli
-    from dpldm import experiment
     from dpldm.callbacks.evaluation import FID, DownstreamAccuracy
 
     acc, fid = DownstreamAccuracy(num_samples=1000), FID.__new__(FID)
@@ -201,3 +200,23 @@ def test_references_score_real_data_reconstructions_and_the_untrained_public_mod
     assert refs == {"real_data_classifier": 0.9, "autoencoder_classifier": 0.9,
                     "public_model": {"test/downstream_acc": 0.4, "test/fid_glyph": 9.0}}  # scored in eval mode
     assert experiment.references(size, args, ("public_model",)).keys() == {"public_model"} and len(seen) == 2
+
+
+def test_mnist_builds_its_own_public_stages_with_the_handwriting_overlay(tmp_path, monkeypatch):
+    """MNIST's public stages are the quickstart's configs with configs/mnist/public.yaml laid over them, under their
+    own folder; the overlay is part of the settings, so a changed public model starts MNIST's results over."""
+    calls = []
+    monkeypatch.setattr(experiment, "run_stage", lambda name, config, overrides, ceiling=True: calls.append(
+        (name, config, overrides)))
+    size = experiment.SIZES["mnist"]
+    (tmp_path / "autoencoder" / "pretrained").mkdir(parents=True)  # stage 1 done: only stage 2 runs
+    experiment.public_stages(size, SimpleNamespace(configs=experiment.CONFIGS, public=str(tmp_path)))
+    [(name, config, overrides)] = calls
+    assert name == "ldm" and config.endswith("quickstart/ldm.yaml")
+    assert overrides[:2] == ["--config", os.path.join(experiment.CONFIGS, "mnist", "public.yaml")]
+    assert f"{AE_ARG}={tmp_path}/autoencoder/pretrained" in overrides
+    mnist, digits = (experiment.finetune_settings(experiment.CONFIGS, experiment.SIZES[k]) for k in ("mnist", "digits"))
+    assert mnist["public"]["config"] == "mnist/public.yaml" and mnist["public"]["data"]["init_args"]["elastic"] > 0
+    assert "public" not in digits and size.public == "runs/mnist/public"
+    with open(os.path.join(experiment.CONFIGS, "mnist", "finetune.yaml")) as f:  # a plain `dpldm fit` finds them
+        assert f.read().count(f"{size.public}/") == 3

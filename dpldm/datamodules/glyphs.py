@@ -2,7 +2,9 @@
 
 Each sample is one character drawn in a random bundled font (see :mod:`glyph_fonts`) with
 random size, affine jitter, stroke width, blur and noise, as bright ink on black, like the
-private digits. Sample ``i`` of a split is rendered from a RNG seeded by ``(seed, split, i)``,
+private digits. Optionally the strokes are bent by an elastic deformation (Simard, Steinkraus
+and Platt, ICDAR 2003: a random displacement field smoothed by a Gaussian), the standard way
+to make printed characters vary like handwriting. Sample ``i`` of a split is rendered from a RNG seeded by ``(seed, split, i)``,
 so the dataset is map-style, reproducible and rendered lazily in ``__getitem__``.
 """
 
@@ -33,15 +35,21 @@ class GlyphDataset(Dataset):
         seed: base seed (>= 0).
         split_id: index of the split, mixed into every sample's seed.
         max_rotation: largest rotation in degrees (either direction).
+        max_stroke: largest extra outline width, in output pixels.
+        elastic: largest RMS displacement of the elastic deformation, in output pixels (0: none).
+        elastic_smoothness: standard deviation of the Gaussian that smooths the displacement field,
+            in output pixels (larger: broader, gentler bends).
     """
 
     def __init__(
         self, characters: str, fonts: tuple, length: int, image_size: int,
-        seed: int, split_id: int, max_rotation: float,
+        seed: int, split_id: int, max_rotation: float, max_stroke: float = 1.5,
+        elastic: float = 0.0, elastic_smoothness: float = 4.0,
     ):
         self.characters, self.fonts, self.length = characters, fonts, length
         self.image_size, self.canvas = image_size, 2 * image_size
         self.seed, self.split_id, self.max_rotation = seed, split_id, max_rotation
+        self.max_stroke, self.elastic, self.elastic_smoothness = max_stroke, elastic, elastic_smoothness
         self._font_cache: dict = {}  # (font index, size) -> FreeTypeFont; per process
 
     def __getstate__(self) -> dict:
@@ -72,7 +80,7 @@ class GlyphDataset(Dataset):
         # Draw the random augmentation parameters (all from this sample's own RNG).
         font_idx = int(rng.integers(len(self.fonts)))
         height = rng.uniform(0.68, 0.92) * S  # target ink height on the canvas
-        stroke = int(rng.integers(0, 4))  # outline width, canvas px (0-1.5 output px)
+        stroke = int(rng.integers(0, round(2 * self.max_stroke) + 1))  # outline width, canvas px
         ink = int(rng.uniform(200, 256))
         angle = math.radians(rng.uniform(-self.max_rotation, self.max_rotation))
         shear = rng.uniform(-0.2, 0.2)
@@ -101,6 +109,8 @@ class GlyphDataset(Dataset):
         cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
         coeffs = (ia, ib, cx - ia * ox - ib * oy, ic, id_, cy - ic * ox - id_ * oy)
         out = glyph.transform((S, S), Image.Transform.AFFINE, coeffs, Image.Resampling.BILINEAR)
+        if self.elastic > 0:
+            out = self._deform(out, rng)
         # Soften the strokes, then downsample 2x with antialiasing.
         out = out.filter(ImageFilter.GaussianBlur(blur))
         out = out.resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
@@ -109,6 +119,27 @@ class GlyphDataset(Dataset):
         pixels = pixels + rng.normal(0.0, noise, pixels.shape).astype(np.float32)
         image = torch.from_numpy(np.clip(pixels, 0.0, 1.0) * 2.0 - 1.0).unsqueeze(0)
         return {"image": image, "label": label}
+
+    def _deform(self, canvas: Image.Image, rng: np.random.Generator) -> Image.Image:
+        """Elastic deformation (Simard et al. 2003): move each pixel by a smooth random field.
+
+        The field is uniform noise in [-1, 1] per axis, smoothed by a Gaussian of std
+        ``elastic_smoothness`` and rescaled to an RMS displacement drawn in [0, ``elastic``].
+
+        Args:
+            canvas: the glyph on the canvas (2x the output side).
+            rng: this sample's RNG.
+        """
+        from scipy.ndimage import gaussian_filter, map_coordinates
+
+        S, scale = self.canvas, self.canvas / self.image_size  # canvas px per output px
+        smooth = scale * self.elastic_smoothness
+        field = gaussian_filter(rng.uniform(-1, 1, (2, S, S)), (0, smooth, smooth))
+        rms = float(np.sqrt((field**2).sum(0).mean())) or 1.0
+        field *= rng.uniform(0, self.elastic) * scale / rms  # [2, S, S], canvas px
+        rows, cols = np.meshgrid(np.arange(S), np.arange(S), indexing="ij")
+        pixels = map_coordinates(np.asarray(canvas, np.float32), (rows + field[0], cols + field[1]), order=1)
+        return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
 class GlyphsDataModule(ImageDataModule):
@@ -121,6 +152,10 @@ class GlyphsDataModule(ImageDataModule):
         num_val: validation samples.
         num_test: test samples.
         max_rotation: largest random rotation in degrees, in [0, 180].
+        max_stroke: largest extra outline width in output pixels (>= 0): thicker pens.
+        elastic: largest RMS displacement in output pixels (>= 0) of the elastic deformation that bends
+            printed strokes towards handwriting (Simard et al. 2003); 0 draws the fonts unbent.
+        elastic_smoothness: std in output pixels (> 0) of the Gaussian smoothing the displacement field.
         batch_size: examples per batch (>= 1).
         num_workers: DataLoader worker processes (>= 0).
         seed: seed (>= 0) of every sample's rendering and of the training shuffle.
@@ -138,6 +173,9 @@ class GlyphsDataModule(ImageDataModule):
         num_val: int = 1000,
         num_test: int = 1000,
         max_rotation: float = 12.0,
+        max_stroke: float = 1.5,
+        elastic: float = 0.0,
+        elastic_smoothness: float = 4.0,
         batch_size: int = 64,
         num_workers: int = 0,
         seed: int = 0,
@@ -153,9 +191,15 @@ class GlyphsDataModule(ImageDataModule):
                 raise ConfigError(f"data.init_args.{field}", value, "must be >= 1")
         if not 0.0 <= max_rotation <= 180.0:
             raise ConfigError("data.init_args.max_rotation", max_rotation, "must be in [0, 180]")
+        for field, value in (("max_stroke", max_stroke), ("elastic", elastic)):
+            if value < 0:
+                raise ConfigError(f"data.init_args.{field}", value, "must be >= 0")
+        if elastic_smoothness <= 0:
+            raise ConfigError("data.init_args.elastic_smoothness", elastic_smoothness, "must be > 0")
         if seed < 0:
             raise ConfigError("data.init_args.seed", seed, "must be >= 0")
         self.characters, self.image_size, self.max_rotation = characters, image_size, max_rotation
+        self.max_stroke, self.elastic, self.elastic_smoothness = max_stroke, elastic, elastic_smoothness
         self.num_classes = len(characters)
         self.sizes = {"train": num_train, "val": num_val, "test": num_test}
         # Fail now, not mid-epoch, if no bundled font can draw the characters.
@@ -174,5 +218,6 @@ class GlyphsDataModule(ImageDataModule):
         """
         return GlyphDataset(
             self.characters, self.fonts, self.sizes[split], self.image_size,
-            self.seed, SPLITS.index(split), self.max_rotation,
+            self.seed, SPLITS.index(split), self.max_rotation, self.max_stroke,
+            self.elastic, self.elastic_smoothness,
         )

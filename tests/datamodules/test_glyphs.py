@@ -121,3 +121,49 @@ def test_glyph_digits_resemble_private_digits_in_brightness(dm):
     ink_digits, ink_glyphs = (digits > 0).float().mean(), (glyphs > 0).float().mean()
     assert 0.5 < float(ink_glyphs / ink_digits) < 2.0
     assert np.isclose(float(digits.min()), -1.0) and float(glyphs.min()) == -1.0
+
+
+def test_elastic_deformation_bends_strokes_deterministically_and_keeps_the_ink():
+    plain = GlyphsDataModule(characters="0123456789", num_train=40)._build("train")
+    bent = GlyphsDataModule(characters="0123456789", num_train=40, elastic=2.0)._build("train")
+    a, b = torch.stack([plain[i]["image"] for i in range(40)]), torch.stack([bent[i]["image"] for i in range(40)])
+    assert torch.equal(b, torch.stack([bent[i]["image"] for i in range(40)]))  # same seed, same bend
+    moved = (a - b).abs().mean(dim=(1, 2, 3))
+    assert (moved > 0).float().mean() > 0.9  # every draw of the RMS (uniform in [0, 2] px) bends nearly all
+    ink = lambda x: (x + 1).sum(dim=(1, 2, 3))  # noqa: E731 -- a smooth field moves ink, it does not erase it
+    assert torch.allclose(ink(b), ink(a), rtol=0.25)
+    assert [bent[i]["label"] for i in range(10)] == list(range(10))
+
+
+def test_elastic_field_matches_a_brute_force_displacement():
+    """The deformation samples the canvas at (row + dy, col + dx): check it on a field made by hand."""
+    from PIL import Image
+
+    ds = GlyphsDataModule(characters="01", num_train=2, elastic=3.0, elastic_smoothness=2.0)._build("train")
+    canvas = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64)).astype(np.uint8))
+    out = np.asarray(ds._deform(canvas, np.random.default_rng(1)), dtype=np.float64)
+    # Re-draw the same field and move each pixel by bilinear interpolation, one pixel at a time.
+    from scipy.ndimage import gaussian_filter
+
+    rng, src = np.random.default_rng(1), np.asarray(canvas, dtype=np.float64)
+    field = gaussian_filter(rng.uniform(-1, 1, (2, 64, 64)), (0, 4.0, 4.0))
+    field *= rng.uniform(0, 3.0) * 2 / np.sqrt((field**2).sum(0).mean())
+    assert 0 < np.sqrt((field**2).sum(0).mean()) <= 6.0  # RMS <= elastic, in output px (2 canvas px each)
+
+    def bilinear(y, x):
+        if not (0 <= y <= 63 and 0 <= x <= 63):
+            return 0.0
+        y0, x0 = min(int(y), 62), min(int(x), 62)
+        fy, fx = y - y0, x - x0
+        return ((1 - fy) * (1 - fx) * src[y0, x0] + (1 - fy) * fx * src[y0, x0 + 1]
+                + fy * (1 - fx) * src[y0 + 1, x0] + fy * fx * src[y0 + 1, x0 + 1])
+
+    for r, c in [(5, 7), (20, 40), (33, 33), (50, 12), (62, 60)]:
+        expected = bilinear(r + field[0, r, c], c + field[1, r, c])
+        assert abs(out[r, c] - np.clip(expected, 0, 255)) <= 1.0, (r, c)
+
+
+@pytest.mark.parametrize("field, value", [("elastic", -1.0), ("max_stroke", -0.5), ("elastic_smoothness", 0.0)])
+def test_bad_handwriting_settings_name_the_field(field, value):
+    with pytest.raises(ConfigError, match=f"data.init_args.{field}"):
+        GlyphsDataModule(**{field: value})
