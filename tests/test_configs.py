@@ -24,9 +24,14 @@ def run_configs() -> list[str]:
     return sorted(found)
 
 
+def files(stage: str | tuple[str, ...]) -> tuple[str, ...]:
+    """A chain's stage: one config, or a config and the overlays laid over it, in order."""
+    return (stage,) if isinstance(stage, str) else stage
+
+
 def instantiate(rel: str | tuple[str, ...], *overrides: str) -> DPLDMCLI:
-    """A config (or a config and the overlays laid over it, in order), instantiated without running."""
-    configs = [x for r in ((rel,) if isinstance(rel, str) else rel) for x in ("--config", str(CONFIGS / r))]
+    """A stage's configs (see :func:`files`), instantiated without running."""
+    configs = [x for r in files(rel) for x in ("--config", str(CONFIGS / r))]
     return DPLDMCLI(args=[*configs, *overrides], run=False)
 
 
@@ -49,8 +54,7 @@ TEXT = "--model.init_args.conditioner.init_args"
 
 
 def test_every_run_config_is_covered():
-    covered = {c for chain in CHAINS.values() for stage in chain
-               for c in ((stage,) if isinstance(stage, str) else stage)} | set(PRETRAINED)
+    covered = {c for chain in CHAINS.values() for stage in chain for c in files(stage)} | set(PRETRAINED)
     assert set(run_configs()) == covered, "add new run configs to CHAINS so they are instantiated"
 
 

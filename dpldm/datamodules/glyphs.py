@@ -4,8 +4,8 @@ Each sample is one character drawn in a random bundled font (see :mod:`glyph_fon
 random size, affine jitter, stroke width, blur and noise, as bright ink on black, like the
 private digits. Optionally the strokes are bent by an elastic deformation (Simard, Steinkraus
 and Platt, ICDAR 2003: a random displacement field smoothed by a Gaussian), the standard way
-to make printed characters vary like handwriting. Sample ``i`` of a split is rendered from a RNG seeded by ``(seed, split, i)``,
-so the dataset is map-style, reproducible and rendered lazily in ``__getitem__``.
+to make printed characters vary like handwriting. Sample ``i`` of a split is rendered from a
+RNG seeded by ``(seed, split, i)``, so the dataset is map-style, reproducible and rendered lazily in ``__getitem__``.
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ class GlyphDataset(Dataset):
 
     def __init__(
         self, characters: str, fonts: tuple, length: int, image_size: int,
-        seed: int, split_id: int, max_rotation: float, max_stroke: float = 1.5,
-        elastic: float = 0.0, elastic_smoothness: float = 4.0,
+        seed: int, split_id: int, max_rotation: float, max_stroke: float,
+        elastic: float, elastic_smoothness: float,
     ):
         self.characters, self.fonts, self.length = characters, fonts, length
         self.image_size, self.canvas = image_size, 2 * image_size
