@@ -1,7 +1,7 @@
 """``dpldm experiment``: the paper's central comparison on real data, on a CPU (DP-LDM, Lyu et al., 2024).
 
 With the same public pretraining (the quickstart's glyph autoencoder and glyph LDM; for MNIST the same stages on
-glyphs with handwriting-like strokes, ``configs/mnist/public.yaml``), the same optimizer and
+glyphs with handwriting-like strokes and an autoencoder trained to convergence, ``configs/mnist/public/``), the same optimizer and
 the same number of DP-SGD steps, train on the private set with:
 
   attention   DP fine-tuning of the attention modules only (DP-LDM)
@@ -50,8 +50,9 @@ class Size:
         protocol: ``dpimagebench`` (the reference classifier trains on every real training image, and the
             report prints DPImageBench's published rows beside ours) or ``quickstart``.
         public: the folder of its public stages (``autoencoder/``, ``ldm/``), built when missing.
-        public_config: a config laid over ``configs/quickstart/{autoencoder,ldm}.yaml`` for those stages
-            (relative to ``configs/``; only what differs), or None for the quickstart's stages as they are.
+        public_config: a folder of overlays (relative to ``configs/``), ``STAGE.yaml`` laid over
+            ``configs/quickstart/STAGE.yaml`` for each stage it holds (only what differs), or None for the
+            quickstart's stages as they are.
     """
 
     config: str
@@ -67,7 +68,7 @@ SIZES = {
     "digits": Size("quickstart/finetune.yaml", "scikit-learn digits (N = 1,437, 8x8 upsampled to 32x32)",
                    (1.0, 5.0, 10.0), 2),
     "mnist": Size("mnist/finetune.yaml", "MNIST (N = 60,000; DPImageBench protocol)", (1.0, 10.0), 2, "dpimagebench",
-                  "runs/mnist/public", "mnist/public.yaml"),
+                  "runs/mnist/public", "mnist/public"),
     "fashion": Size("fashion/finetune.yaml", "Fashion-MNIST (N = 60,000; DPImageBench protocol)", (1.0, 10.0), 2,
                     "dpimagebench"),
 }
@@ -118,10 +119,22 @@ def _save(record: dict, path: str) -> None:
     os.replace(path + ".part", path)
 
 
+PUBLIC_STAGES = ("autoencoder", "ldm")
+
+
+def public_overlays(configs: str, size: Size) -> dict[str, str]:
+    """``{stage: overlay file}`` for the public stages ``size`` changes (see ``Size.public_config``)."""
+    if size.public_config is None:
+        return {}
+    found = {s: os.path.join(configs, size.public_config, f"{s}.yaml") for s in PUBLIC_STAGES}
+    return {s: path for s, path in found.items() if os.path.exists(path)}
+
+
 def public_stages(size: Size, args: argparse.Namespace) -> None:
-    """Train the size's public stages (quickstart configs, with its overlay) under ``args.public`` if missing."""
-    overlay = ["--config", os.path.join(args.configs, size.public_config)] if size.public_config else []
-    for stage in ("autoencoder", "ldm"):
+    """Train the size's public stages (quickstart configs, with its overlays) under ``args.public`` if missing."""
+    overlays = public_overlays(args.configs, size)
+    for stage in PUBLIC_STAGES:
+        overlay = ["--config", overlays[stage]] if stage in overlays else []
         if not os.path.isdir(os.path.join(args.public, stage, "pretrained")):
             run_stage(stage, os.path.join(args.configs, "quickstart", f"{stage}.yaml"),
                       [*overlay, *stage_overrides(args.public, {})[stage]], ceiling=False)
@@ -129,7 +142,7 @@ def public_stages(size: Size, args: argparse.Namespace) -> None:
 
 def finetune_settings(configs: str, size: Size) -> dict:
     """The shared settings of every run of ``size``, as written in its fine-tune config under ``configs``, and
-    its public stages' overlay (a change of the public model starts the size's results over)."""
+    its public stages' overlays (a change of the public model starts the size's results over)."""
     import yaml
 
     with open(os.path.join(configs, size.config)) as f:
@@ -137,8 +150,11 @@ def finetune_settings(configs: str, size: Size) -> dict:
     model, trainer = cfg["model"]["init_args"], cfg["trainer"]
     public = {}
     if size.public_config:
-        with open(os.path.join(configs, size.public_config)) as f:
-            public = {"public": {"config": size.public_config, **yaml.safe_load(f)}}
+        stages = {}
+        for stage, path in public_overlays(configs, size).items():
+            with open(path) as f:
+                stages[stage] = yaml.safe_load(f)
+        public = {"public": {"config": size.public_config, **stages}}
     return {**public, "privacy": model["privacy"]["init_args"], "optimizer": model["optimizer"],
             "batch_size": cfg["data"]["init_args"]["batch_size"],
             "recipe": {k: model[k] for k in ("noise_draws", "ema_decay", "solver", "scope") if k in model}

@@ -204,12 +204,24 @@ def section(record: dict, image: str) -> list[str]:
     return lines
 
 
+def _leaves(tree: dict) -> dict:
+    """``{field: value}`` of a config tree's leaves, named by their last key (class paths left out)."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_leaves(value))
+        elif key != "class_path":
+            out[key] = value
+    return out
+
+
 def overlay_clause(name: str, public: dict) -> str:
-    """``; for NAME, the same stages with `configs/X` laid over them (field = value, ...)``: a size whose public
-    stages are the quickstart's with an overlay (``settings.public`` of its result file)."""
-    fields = ", ".join(f"{f} = {v}" for f, v in public.get("data", {}).get("init_args", {}).items())
-    return (f"; for {name}, the same stages with `configs/{public['config']}` laid over them ({fields}; "
-            "see `GlyphsDataModule`)")
+    """``; for NAME, the same stages with the overlays of `configs/X/` laid over them (stage: field = value, ...)``:
+    a size whose public stages are the quickstart's with overlays (``settings.public`` of its result file)."""
+    stages = "; ".join(f"{stage}: " + ", ".join(f"{f} = {v}" for f, v in _leaves(tree).items())
+                       for stage, tree in public.items() if stage != "config")
+    return (f"; for {name}, the same stages with the overlays of `configs/{public['config']}/` laid over them "
+            f"({stages}; see `GlyphsDataModule`)")
 
 
 def render(results_dir: str, doc: str) -> dict:

@@ -41,8 +41,8 @@ CHAINS = {
     "quickstart": ("quickstart/autoencoder.yaml", "quickstart/ldm.yaml", "quickstart/finetune.yaml"),
     "cifar10": ("cifar10/autoencoder.yaml", "cifar10/ldm.yaml", "cifar10/finetune.yaml"),
     # DPImageBench's benchmarks fine-tune the quickstart's public glyph stages (MNIST's with handwriting strokes)
-    "mnist": (("quickstart/autoencoder.yaml", "mnist/public.yaml"), ("quickstart/ldm.yaml", "mnist/public.yaml"),
-              "mnist/finetune.yaml"),
+    "mnist": (("quickstart/autoencoder.yaml", "mnist/public/autoencoder.yaml"),
+              ("quickstart/ldm.yaml", "mnist/public/ldm.yaml"), "mnist/finetune.yaml"),
     "fashion": ("quickstart/autoencoder.yaml", "quickstart/ldm.yaml", "fashion/finetune.yaml"),
 }
 
@@ -79,8 +79,8 @@ def test_config_chain_instantiates(name, tmp_path, cifar_root, imagenet_root):
 
     cli = instantiate(ae_cfg, *data)
     assert cli.trainer.max_epochs >= 1
-    if name == "mnist":  # the overlay bends the public glyphs like handwriting; the rest is the quickstart's
-        assert cli.datamodule.elastic > 0 and cli.datamodule.max_stroke > 1.5
+    if name == "mnist":  # the overlay bends the public glyphs like handwriting and trains stage 1 longer
+        assert cli.datamodule.elastic > 0 and cli.datamodule.max_stroke > 1.5 and cli.trainer.max_epochs > 1
     cli.model.vae.save_pretrained(tmp_path / "ae")  # stands in for the stage's export
 
     cli = instantiate(ldm_cfg, *data, AE_PATH, str(tmp_path / "ae"))
@@ -138,8 +138,10 @@ def test_every_config_on_private_data_is_dp():
     private = []
     for rel in run_configs():
         cfg = yaml.safe_load((CONFIGS / rel).read_text())
-        if "class_path" not in cfg.get("data", {}):  # an overlay: it may reshape public data, never touch the model
-            assert set(cfg) <= {"data", "trainer"} and "class_path" not in cfg["data"], rel
+        if "class_path" not in cfg.get("data", {}):  # an overlay of a public stage: it may reshape public data and
+            assert set(cfg) <= {"data", "trainer", "model"} and "class_path" not in cfg["data"], rel  # the budget,
+            model = cfg.get("model", {})  # never the model itself
+            assert set(model) <= {"init_args"} and set(model.get("init_args", {})) <= {"optimizer"}, rel
             continue
         if getattr(_data_class(cfg), "public", False):
             continue

@@ -161,7 +161,8 @@ def test_mnist_report_prints_the_published_rows_beside_ours_in_percent(tmp_path)
               "autoencoder_classifier": 0.98, "public_model": {"test/downstream_acc": 0.42}, "budget": [], "minutes": 3.0, "command": "dpldm experiment --size mnist",
               "settings": {"privacy": {"max_grad_norm": 1.0}, "optimizer": {"class_path": "torch.optim.AdamW"},
                            "batch_size": 1000, "recipe": {"noise_draws": 2, "max_steps": 120}, "metrics": [],
-                           "public": {"config": "mnist/public.yaml", "data": {"init_args": {"elastic": 2.0}}}}}
+                           "public": {"config": "mnist/public", "autoencoder": {"trainer": {"max_epochs": 6}},
+                                      "ldm": {"data": {"init_args": {"elastic": 2.0}}}}}}
     (tmp_path / "results").mkdir()
     (tmp_path / "results" / "mnist.json").write_text(json.dumps(record))
     render(str(tmp_path / "results"), str(tmp_path / "results.md"))
@@ -172,7 +173,8 @@ def test_mnist_report_prints_the_published_rows_beside_ours_in_percent(tmp_path)
     assert "| dpldm: public LDM, no private step (ε = 0) | 42.0 | 42.0 |" in doc
     assert "60,000 real training images scores 0.991" in doc and "'noise_draws': 2" in doc
     assert "CPU minutes per run" in doc and "attention 7.5" in doc
-    assert "for MNIST, the same stages with `configs/mnist/public.yaml` laid over them (elastic = 2.0;" in doc
+    assert ("for MNIST, the same stages with the overlays of `configs/mnist/public/` laid over them "
+            "(autoencoder: max_epochs = 6; ldm: elastic = 2.0;") in doc
     assert (tmp_path / "results" / "mnist.png").stat().st_size > 10_000
 
 
@@ -203,8 +205,8 @@ def test_references_score_real_data_reconstructions_and_the_untrained_public_mod
 
 
 def test_mnist_builds_its_own_public_stages_with_the_handwriting_overlay(tmp_path, monkeypatch):
-    """MNIST's public stages are the quickstart's configs with configs/mnist/public.yaml laid over them, under their
-    own folder; the overlay is part of the settings, so a changed public model starts MNIST's results over."""
+    """MNIST's public stages are the quickstart's configs with configs/mnist/public/STAGE.yaml laid over them, under
+    their own folder; the overlays are part of the settings, so a changed public model starts MNIST's results over."""
     calls = []
     monkeypatch.setattr(experiment, "run_stage", lambda name, config, overrides, ceiling=True: calls.append(
         (name, config, overrides)))
@@ -213,10 +215,12 @@ def test_mnist_builds_its_own_public_stages_with_the_handwriting_overlay(tmp_pat
     experiment.public_stages(size, SimpleNamespace(configs=experiment.CONFIGS, public=str(tmp_path)))
     [(name, config, overrides)] = calls
     assert name == "ldm" and config.endswith("quickstart/ldm.yaml")
-    assert overrides[:2] == ["--config", os.path.join(experiment.CONFIGS, "mnist", "public.yaml")]
+    assert overrides[:2] == ["--config", os.path.join(experiment.CONFIGS, "mnist", "public", "ldm.yaml")]
     assert f"{AE_ARG}={tmp_path}/autoencoder/pretrained" in overrides
     mnist, digits = (experiment.finetune_settings(experiment.CONFIGS, experiment.SIZES[k]) for k in ("mnist", "digits"))
-    assert mnist["public"]["config"] == "mnist/public.yaml" and mnist["public"]["data"]["init_args"]["elastic"] > 0
+    public = mnist["public"]
+    assert public["config"] == "mnist/public" and public["ldm"]["data"]["init_args"]["elastic"] > 0
+    assert public["autoencoder"]["trainer"]["max_epochs"] > 1  # stage 1 trained to convergence, not the quickstart's 1
     assert "public" not in digits and size.public == "runs/mnist/public"
     with open(os.path.join(experiment.CONFIGS, "mnist", "finetune.yaml")) as f:  # a plain `dpldm fit` finds them
         assert f.read().count(f"{size.public}/") == 3
