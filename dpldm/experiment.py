@@ -1,8 +1,8 @@
 """``dpldm experiment``: the paper's central comparison on real data, on a CPU (DP-LDM, Lyu et al., 2024).
 
 With the same public pretraining (the quickstart's glyph autoencoder and glyph LDM; for MNIST the same stages on
-glyphs with handwriting-like strokes and an autoencoder trained to convergence, ``configs/mnist/public/``), the same optimizer and
-the same number of DP-SGD steps, train on the private set with:
+glyphs with handwriting-like strokes and an autoencoder trained to convergence, ``configs/mnist/public/``), the
+same optimizer and the same number of DP-SGD steps, train on the private set with:
 
   attention   DP fine-tuning of the attention modules only (DP-LDM)
   lora        DP fine-tuning of low-rank adapters on the attention projections (DP-LoRA)

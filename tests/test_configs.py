@@ -81,9 +81,11 @@ def test_config_chain_instantiates(name, tmp_path, cifar_root, imagenet_root):
     assert cli.trainer.max_epochs >= 1
     if name == "mnist":  # the overlay bends the public glyphs like handwriting and trains stage 1 longer
         assert cli.datamodule.elastic > 0 and cli.datamodule.max_stroke > 1.5 and cli.trainer.max_epochs > 1
+    glyphs = {k: getattr(cli.datamodule, k, None) for k in ("elastic", "max_stroke")}
     cli.model.vae.save_pretrained(tmp_path / "ae")  # stands in for the stage's export
 
     cli = instantiate(ldm_cfg, *data, AE_PATH, str(tmp_path / "ae"))
+    assert {k: getattr(cli.datamodule, k, None) for k in glyphs} == glyphs  # both stages see the same public images
     check_data_compatible(cli.model, cli.datamodule)
     cli.model.export_pretrained(str(tmp_path / "ldm"))
 
