@@ -28,7 +28,7 @@ import argparse
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from dpldm.quickstart import pretrained_overrides, real_data_ceiling, run_stage, stage_overrides
@@ -53,6 +53,11 @@ class Size:
         public_config: a folder of overlays (relative to ``configs/``), ``STAGE.yaml`` laid over
             ``configs/quickstart/STAGE.yaml`` for each stage it holds (only what differs), or None for the
             quickstart's stages as they are.
+        clip_norms: the clipping norm C of the methods whose trained set differs from the fine-tune config's
+            scope (``{method: C}``; the config's own C for the others). Each is the median per-example gradient
+            norm of that method's trained parameters at its starting weights on *public* glyphs
+            (``bench/grad_norms.py``): a C far above every gradient adds noise sigma C / B to a signal that
+            clipping never touches.
     """
 
     config: str
@@ -62,13 +67,14 @@ class Size:
     protocol: Literal["quickstart", "dpimagebench"] = "quickstart"
     public: str = "runs/quickstart"
     public_config: str | None = None
+    clip_norms: dict[str, float] = field(default_factory=dict)
 
 
 SIZES = {
     "digits": Size("quickstart/finetune.yaml", "scikit-learn digits (N = 1,437, 8x8 upsampled to 32x32)",
                    (1.0, 5.0, 10.0), 2),
     "mnist": Size("mnist/finetune.yaml", "MNIST (N = 60,000; DPImageBench protocol)", (1.0, 10.0), 2, "dpimagebench",
-                  "runs/mnist/public", "mnist/public"),
+                  "runs/mnist/public", "mnist/public", {"lora": 0.005, "full": 0.7, "scratch": 6.0}),
     "fashion": Size("fashion/finetune.yaml", "Fashion-MNIST (N = 60,000; DPImageBench protocol)", (1.0, 10.0), 2,
                     "dpimagebench"),
 }
@@ -99,8 +105,10 @@ def base_overrides(size: str, args: argparse.Namespace) -> list[str]:
 def run_one(size: str, method: str, epsilon: float | None, seed: int, args: argparse.Namespace) -> dict:
     """One fine-tuning run; its metrics, privacy report, wall time and CPU time."""
     name = f"{method}-eps{epsilon:g}-seed{seed}" if epsilon is not None else f"{method}-seed{seed}"
+    clip = SIZES[size].clip_norms
     overrides = [*base_overrides(size, args), f"--trainer.default_root_dir={os.path.join(args.out, size, name)}",
-                 f"--seed_everything={seed}", *method_overrides(method), *args.override]
+                 f"--seed_everything={seed}", *method_overrides(method),
+                 *([f"{PRIVACY}.max_grad_norm={clip[method]}"] if method in clip else []), *args.override]
     if epsilon is not None:
         overrides += [f"{PRIVACY}.epsilon={epsilon}", f"{PRIVACY}.seed={seed}"]
     cpu = time.process_time()
@@ -155,7 +163,8 @@ def finetune_settings(configs: str, size: Size) -> dict:
             with open(path) as f:
                 stages[stage] = yaml.safe_load(f)
         public = {"public": {"config": size.public_config, **stages}}
-    return {**public, "privacy": model["privacy"]["init_args"], "optimizer": model["optimizer"],
+    clip = {"clip_norms": size.clip_norms} if size.clip_norms else {}
+    return {**public, "privacy": model["privacy"]["init_args"], **clip, "optimizer": model["optimizer"],
             "batch_size": cfg["data"]["init_args"]["batch_size"],
             "recipe": {k: model[k] for k in ("noise_draws", "ema_decay", "solver", "scope") if k in model}
             | {k: trainer[k] for k in ("max_steps", "max_epochs") if trainer.get(k) is not None},

@@ -186,7 +186,7 @@ def section(record: dict, image: str) -> list[str]:
         lines += ["Settings: " + ", ".join(x for x in [
             f"N = {round(r0['expected_batch_size'] / r0['sample_rate'])}",
             f"expected batch B = {s['batch_size']} (q = {r0['sample_rate']:.4g})", f"{int(r0['steps'])} DP-SGD steps",
-            f"δ = {r0['delta']:.2g}", f"C = {s['privacy'].get('max_grad_norm')}",
+            f"δ = {r0['delta']:.2g}", clip_clause(s),
             "σ = " + ", ".join(f"{sigmas[e]:.3f} (ε = {e:g})" for e in sorted(sigmas)),
             f"optimizer {s['optimizer']['class_path'].rsplit('.', 1)[1]} {s['optimizer'].get('init_args', {})}",
             f"recipe {s['recipe']}" if s.get("recipe") else None,
@@ -202,6 +202,13 @@ def section(record: dict, image: str) -> list[str]:
         lines += ["Trained share of the parameters: " + ", ".join(
             f"{m} {f:.1%}" for m, f in fractions.items()) + ".", ""]
     return lines
+
+
+def clip_clause(settings: dict) -> str:
+    """``C = 1.0``, or with per-method norms (``settings.clip_norms``): ``C = 0.1 (lora 0.005, full 0.7)``."""
+    per_method = settings.get("clip_norms") or {}
+    others = f" ({', '.join(f'{m} {c:g}' for m, c in per_method.items())}; public median gradient norms)"
+    return f"C = {settings['privacy'].get('max_grad_norm')}" + (others if per_method else "")
 
 
 def _leaves(tree: dict) -> dict:
@@ -243,9 +250,9 @@ def render(results_dir: str, doc: str) -> dict:
              "Public pretraining for every pretrained method: the quickstart's autoencoder and class-conditional LDM, "
              "trained on rendered font glyphs (0-9, A-Z; `configs/quickstart/{autoencoder,ldm}.yaml`)"
              + "".join(overlay_clause(NAMES[k], p) for k, p in overlays.items())
-             + ". The private data never reach them. Within a data set every run has the same recipe, step budget, "
-             "clipping norm and metrics (its `configs/<size>/finetune.yaml`); only what is trained (and from where) "
-             "differs. The FID-style distance uses the public glyph classifier's features (offline), not Inception.", "",
+             + ". The private data never reach them. Within a data set every run has the same recipe, step budget "
+             "and metrics (its `configs/<size>/finetune.yaml`); only what is trained (and from where) differs, and "
+             "where the settings give per-method C, each method's clipping norm (chosen on public glyphs). The FID-style distance uses the public glyph classifier's features (offline), not Inception.", "",
              f"- **{names('dpimagebench') or 'none yet'}: DPImageBench's protocol** (Chen et al., CCS 2025), fixed "
              "before any run: δ = 1e-5, 10,000 class-balanced samples scored at 28x28 by a CNN trained on them alone "
              "and tested on the 10,000 real test images; the same CNN on the 60,000 real training images is the "

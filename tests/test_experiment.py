@@ -159,8 +159,8 @@ def test_mnist_report_prints_the_published_rows_beside_ours_in_percent(tmp_path)
         r["cpu_minutes"] = 7.5
     record = {"size": "mnist", "label": "MNIST", "protocol": "dpimagebench", "rows": rows, "real_data_classifier": 0.991,
               "autoencoder_classifier": 0.98, "public_model": {"test/downstream_acc": 0.42}, "budget": [], "minutes": 3.0, "command": "dpldm experiment --size mnist",
-              "settings": {"privacy": {"max_grad_norm": 1.0}, "optimizer": {"class_path": "torch.optim.AdamW"},
-                           "batch_size": 1000, "recipe": {"noise_draws": 2, "max_steps": 120}, "metrics": [],
+              "settings": {"privacy": {"max_grad_norm": 0.1}, "clip_norms": {"lora": 0.005},
+                           "optimizer": {"class_path": "torch.optim.AdamW"}, "batch_size": 1000, "recipe": {"noise_draws": 2, "max_steps": 120}, "metrics": [],
                            "public": {"config": "mnist/public", "autoencoder": {"trainer": {"max_epochs": 6}},
                                       "ldm": {"data": {"init_args": {"elastic": 2.0}}}}}}
     (tmp_path / "results").mkdir()
@@ -173,6 +173,7 @@ def test_mnist_report_prints_the_published_rows_beside_ours_in_percent(tmp_path)
     assert "| dpldm: public LDM, no private step (ε = 0) | 42.0 | 42.0 |" in doc
     assert "60,000 real training images scores 0.991" in doc and "'noise_draws': 2" in doc
     assert "CPU minutes per run" in doc and "attention 7.5" in doc
+    assert "C = 0.1 (lora 0.005; public median gradient norms)" in doc
     assert ("for MNIST, the same stages with the overlays of `configs/mnist/public/` laid over them "
             "(autoencoder: max_epochs = 6; ldm: elastic = 2.0;") in doc
     assert (tmp_path / "results" / "mnist.png").stat().st_size > 10_000
@@ -224,3 +225,24 @@ def test_mnist_builds_its_own_public_stages_with_the_handwriting_overlay(tmp_pat
     assert "public" not in digits and size.public == "runs/mnist/public"
     with open(os.path.join(experiment.CONFIGS, "mnist", "finetune.yaml")) as f:  # a plain `dpldm fit` finds them
         assert f.read().count(f"{size.public}/") == 3
+
+
+def test_each_dp_method_runs_at_its_own_public_clipping_norm(tmp_path, monkeypatch):
+    """MNIST's methods whose trained set differs from the config's scope get their own C (Size.clip_norms, chosen on
+    public glyphs by bench/grad_norms.py); the others keep the config's; the norms are part of the settings."""
+    seen = {}
+    monkeypatch.setattr(experiment, "run_stage", lambda name, config, overrides, ceiling=True: seen.setdefault(
+        name, overrides) and SimpleNamespace(seconds=1.0, trained_fraction=None, metrics={}, privacy=None))
+    args = SimpleNamespace(public="public", out=str(tmp_path), configs=experiment.CONFIGS,
+                           override=["--trainer.max_steps=2"])
+    for method in METHODS:
+        experiment.run_one("mnist", method, None if method == "nonprivate" else 1.0, 0, args)
+    clip = {name.split("-")[0]: [o for o in overrides if o.startswith(f"{experiment.PRIVACY}.max_grad_norm=")]
+            for name, overrides in seen.items()}
+    norms = experiment.SIZES["mnist"].clip_norms
+    assert clip == {m: [f"{experiment.PRIVACY}.max_grad_norm={norms[m]}"] if m in norms else [] for m in METHODS}
+    assert "attention" not in norms and "nonprivate" not in norms and norms["lora"] < norms["full"]
+    assert seen["lora-eps1-seed0"][-3] == "--trainer.max_steps=2"  # the user's overrides come after, and win
+    settings = experiment.finetune_settings(experiment.CONFIGS, experiment.SIZES["mnist"])
+    assert settings["clip_norms"] == norms and settings["privacy"]["max_grad_norm"] == 0.1
+    assert "clip_norms" not in experiment.finetune_settings(experiment.CONFIGS, experiment.SIZES["digits"])
