@@ -76,7 +76,7 @@ SIZES = {
     "mnist": Size("mnist/finetune.yaml", "MNIST (N = 60,000; DPImageBench protocol)", (1.0, 10.0), 2, "dpimagebench",
                   "runs/mnist/public", "mnist/public", {"lora": 0.005, "full": 0.7, "scratch": 6.0}),
     "fashion": Size("fashion/finetune.yaml", "Fashion-MNIST (N = 60,000; DPImageBench protocol)", (1.0, 10.0), 2,
-                    "dpimagebench"),
+                    "dpimagebench", clip_norms={"lora": 0.006, "full": 0.8, "scratch": 6.0}),
 }
 
 
