@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import yaml
 
-from dpldm.experiment import CONFIGS, METHODS, PRIVACY, SIZES, method_overrides, public_overlays
+from dpldm.experiment import CONFIGS, METHODS, PRIVACY, SIZES, finetune_settings, method_overrides, public_overlays
 from dpldm.quickstart import pretrained_overrides
 
 
@@ -66,8 +66,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # it is run from Python on purpose
     size = SIZES[args.size]
     config = os.path.join(CONFIGS, size.config)
-    with open(config) as f:
-        default_c = yaml.safe_load(f)["model"]["init_args"]["privacy"]["init_args"]["max_grad_norm"]
+    default_c = finetune_settings(CONFIGS, size)["privacy"]["max_grad_norm"]  # the config's own C
     batch = public_glyphs(args.size, args.examples)
     print(f"{'method':<10} {'trained':>10}  ||g_i|| quantiles 10 / 25 / 50 / 75 / 90 %      max       C  C/median")
     for method in args.methods:
