@@ -20,6 +20,7 @@ from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 
 from dpldm.callbacks.checkpoint import ResumableCheckpoint
 from dpldm.loggers import WandbLogger, run_name, sweep_run, wandb_disabled
+from dpldm.runs import write_run_files
 
 
 # The frozen autoencoder and text encoder are in eval mode on purpose.
@@ -27,10 +28,17 @@ warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the st
 
 
 class SaveConfigEverywhere(SaveConfigCallback):
-    """``config.yaml`` next to the logs, and the resolved config in the W&B run (dpldm's WandbLogger takes it
-    when its run starts, so this does not start it before the setup checks)."""
+    """``config.yaml`` next to the logs with what reloads the run from anywhere (``dpldm.runs.write_run_files``),
+    and the resolved config in the W&B run (dpldm's WandbLogger takes it when its run starts, so this does not
+    start it before the setup checks)."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not self.already_saved:
+            self.log_dir = trainer.log_dir  # broadcast: every rank asks, before save_config runs on rank zero
+        super().setup(trainer, pl_module, stage)
 
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        write_run_files(pl_module, self.log_dir)
         loggers = [lg for lg in trainer.loggers if isinstance(lg, LightningWandbLogger)]
         if loggers:
             config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))

@@ -139,25 +139,6 @@ def test_load_run_restores_the_trained_weights(quickstart_run):
         assert torch.equal(v, ref.cpu()), k
 
 
-def test_notebook_runs_on_a_finished_run(quickstart_run, monkeypatch):
-    import nbclient
-    import nbformat
-
-    out, _ = quickstart_run
-    run = _finished_run(out)
-    monkeypatch.setenv("DPLDM_RUN", str(run))
-    monkeypatch.setenv("DPLDM_STEPS", "2")
-    path = os.path.join(os.path.dirname(quickstart.config_dir()), "..", "notebooks", "explore_samples.ipynb")
-    nb = nbformat.read(path, as_version=4)
-    nbclient.NotebookClient(nb, timeout=300, resources={"metadata": {"path": str(out)}}).execute()
-    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
-    figures = [o for o in outputs if o.get("output_type") == "display_data" and "image/png" in o.get("data", {})]
-    assert len(figures) == 5  # grid, epsilon curve, pixel and latent neighbours, distance histograms
-    assert any("epsilon = " in o.get("text", "") for o in outputs)  # a DP run: the accountant's curve
-    source = "".join(c.source for c in nb.cells if c.cell_type == "code")
-    assert "def " not in source and "class " not in source  # everything reusable lives in dpldm
-
-
 def test_sample_command_on_a_class_conditional_run(quickstart_run, tmp_path):
     import numpy as np
 

@@ -48,14 +48,20 @@ def build_autoencoder(
     )
 
 
-def load_autoencoder(path: str, subfolder: str | None = None) -> AutoencoderKL:
+def load_autoencoder(path: str, subfolder: str | None = None, weights: bool = True) -> AutoencoderKL:
     """A pretrained ``AutoencoderKL`` from a local diffusers directory or a hub id.
 
     Args:
         path: directory (e.g. ``runs/quickstart/autoencoder/pretrained``) or hub id
             (e.g. ``stabilityai/sd-vae-ft-mse``).
         subfolder: subfolder inside ``path`` (``vae`` for a Stable Diffusion pipeline repo).
+        weights: ``False``: the architecture alone, randomly initialised (a run reloaded from its checkpoint).
     """
+    if not weights:
+        config = load_pretrained(AutoencoderKL.load_config, path,
+                                 "model.init_args.autoencoder.init_args.vae.init_args.path", "autoencoder config",
+                                 subfolder or None)
+        return AutoencoderKL.from_config(config)
     return load_pretrained(
         AutoencoderKL.from_pretrained, path, "model.init_args.autoencoder.init_args.vae.init_args.path",
         "autoencoder", subfolder,

@@ -1,0 +1,96 @@
+"""Relocatable runs (dpldm/runs.py): a run launched with relative paths, reloaded from other folders, moved, and
+with its public stages deleted; the notebook executed where Jupyter starts its kernel (``notebooks/``)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from dpldm import quickstart
+from dpldm.cli import main
+from dpldm.runs import load_run
+from tests.test_quickstart import tiny_args
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ONE_STEP = ["--trainer.fast_dev_run=false", "--trainer.max_steps=1", "--trainer.limit_val_batches=0",
+            "--trainer.callbacks=[]"]  # a real step, so the run keeps a checkpoint
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A project folder holding ``notebooks/`` and ``runs/quickstart`` made by the tiny quickstart chain launched
+    from it with the relative ``--out runs/quickstart`` (as `make quickstart` does)."""
+    root = tmp_path_factory.mktemp("project")
+    (root / "notebooks").mkdir()
+    shutil.copy(os.path.join(REPO, "notebooks", "explore_samples.ipynb"), root / "notebooks")
+    here = os.getcwd()
+    os.chdir(root)
+    try:
+        quickstart.main([*tiny_args("runs/quickstart"), *(f"--override=finetune:{a}" for a in ONE_STEP)])
+    finally:
+        os.chdir(here)
+    return root
+
+
+def test_the_fit_leaves_what_reloads_it_beside_its_config(project):
+    import yaml
+
+    version = project / "runs" / "quickstart" / "finetune" / "logs" / "version_0"
+    cfg = yaml.safe_load((version / "config.yaml").read_text())
+    assert cfg["model"]["init_args"]["unet"]["init_args"]["path"] == "runs/quickstart/ldm/pretrained"  # relative
+    for part in ("unet", "vae"):
+        assert (version / "architecture" / part / "config.json").exists()
+    assert (version / "launch.json").exists()
+
+
+def _weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_reloads_from_another_folder_moved_and_without_its_public_stages(project, tmp_path, monkeypatch):
+    run = project / "runs" / "quickstart" / "finetune"
+    monkeypatch.chdir(project)
+    reference = _weights(load_run("runs/quickstart/finetune"))
+
+    monkeypatch.chdir(tmp_path)  # another folder: the config's relative paths do not resolve from here
+    assert not os.path.exists("runs/quickstart/ldm/pretrained")
+    for k, v in _weights(load_run(str(run))).items():
+        assert torch.equal(v, reference[k]), k
+
+    moved = tmp_path / "elsewhere" / "my-dp-run"  # the run folder alone, renamed, its public stages deleted
+    shutil.copytree(run, moved)
+    gone = tmp_path / "gone"
+    shutil.copytree(project / "runs", gone)  # restored below for the other tests of this module
+    for stage in ("autoencoder", "ldm"):
+        shutil.rmtree(project / "runs" / "quickstart" / stage)
+    try:
+        for k, v in _weights(load_run(str(moved))).items():
+            assert torch.equal(v, reference[k]), k
+        out = tmp_path / "samples"
+        main(["sample", str(moved), "--labels", "1", "--repeat", "2", "--steps", "2", "--out", str(out)])
+        assert np.load(out / "samples.npz")["images"].shape == (2, 32, 32, 1)
+    finally:
+        shutil.rmtree(project / "runs")
+        shutil.copytree(gone, project / "runs")
+
+
+def test_notebook_runs_where_jupyter_starts_its_kernel(project, monkeypatch):
+    """The shipped notebook, unchanged, with its kernel in ``notebooks/`` and no DPLDM_RUN: its default
+    ``../runs/quickstart/finetune`` is a run whose config holds paths relative to the project folder."""
+    import nbclient
+    import nbformat
+
+    monkeypatch.delenv("DPLDM_RUN", raising=False)
+    monkeypatch.setenv("DPLDM_STEPS", "2")
+    nb = nbformat.read(project / "notebooks" / "explore_samples.ipynb", as_version=4)
+    nbclient.NotebookClient(nb, timeout=300, resources={"metadata": {"path": str(project / "notebooks")}}).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    figures = [o for o in outputs if o.get("output_type") == "display_data" and "image/png" in o.get("data", {})]
+    assert len(figures) == 5  # grid, epsilon curve, pixel and latent neighbours, distance histograms
+    assert any("epsilon = " in o.get("text", "") for o in outputs)  # a DP run: the accountant's curve
+    source = "".join(c.source for c in nb.cells if c.cell_type == "code")
+    assert "def " not in source and "class " not in source  # everything reusable lives in dpldm
