@@ -132,7 +132,7 @@ def cache(argv: list[str]) -> dict:
 
 # dpldm's own subcommands besides LightningCLI's fit/validate/test/predict: name -> module with main(argv).
 SUBCOMMANDS = {"quickstart": "dpldm.quickstart", "sample": "dpldm.sample", "evaluate": "dpldm.evaluate",
-               "privacy": "dpldm.privacy.calculator",
+               "export": "dpldm.export", "privacy": "dpldm.privacy.calculator",
                "experiment": "dpldm.experiment", "audit": "dpldm.audit", "sweep": "dpldm.sweep"}
 
 

@@ -92,17 +92,28 @@ def _from_architecture(cfg: dict, folder: str) -> None:
         conditioner["init_from"] = None
 
 
-def run_config(run_dir: str) -> dict:
-    """The run's saved ``config.yaml`` (the newest version), minus the arguments of ``fit`` itself, with its
-    paths made to work from the current folder (see the module docstring)."""
+def saved_config(run_dir: str) -> tuple[dict, str]:
+    """The run's ``config.yaml`` (the newest version) as written, and the folder that holds it."""
     config = _latest([os.path.join(run_dir, "logs", "version_*", "config.yaml"),
                       os.path.join(run_dir, "config.yaml")],  # a fit without a logger writes it to the run root
                      "config.yaml", run_dir)
     with open(config) as f:
-        cfg = yaml.safe_load(f)
+        return yaml.safe_load(f), os.path.dirname(config)
+
+
+def rebased(value: object, run_dir: str) -> object:
+    """``value`` (a path, or a part of the run's config) with its relative paths found from the run's launch
+    folder when they are missing from the current one."""
+    cfg, config_dir = saved_config(run_dir)
+    return _rebased(value, _launch_dirs(cfg, run_dir, config_dir))
+
+
+def run_config(run_dir: str) -> dict:
+    """The run's saved ``config.yaml``, minus the arguments of ``fit`` itself, with its paths made to work from
+    the current folder (see the module docstring)."""
+    cfg, config_dir = saved_config(run_dir)
     for key in ("ckpt_path", "weights_only"):  # arguments of `fit` itself, not of the objects
         cfg.pop(key, None)
-    config_dir = os.path.dirname(config)
     architecture = os.path.join(config_dir, ARCHITECTURE)
     if os.path.isdir(architecture):
         _from_architecture(cfg, os.path.abspath(architecture))

@@ -94,3 +94,67 @@ def test_notebook_runs_where_jupyter_starts_its_kernel(project, monkeypatch):
     assert any("epsilon = " in o.get("text", "") for o in outputs)  # a DP run: the accountant's curve
     source = "".join(c.source for c in nb.cells if c.cell_type == "code")
     assert "def " not in source and "class " not in source  # everything reusable lives in dpldm
+
+
+def test_export_loads_with_diffusers_alone_and_samples_as_the_run_does(project, tmp_path, monkeypatch):
+    """``dpldm export`` -> ``DiffusionPipeline.from_pretrained`` from another folder, the run deleted: the same
+    images as the run's own sampler for the same seed, and a model card with the privacy record."""
+    from diffusers import DiffusionPipeline
+
+    run = project / "runs" / "quickstart" / "finetune"
+    out = tmp_path / "my-dp-model"
+    main(["export", str(run), str(out)])
+    model = load_run(str(run))
+    ckpt = torch.load(sorted(run.glob("checkpoints/*.ckpt"))[-1], map_location="cpu", weights_only=False)
+    labels = [0, 3, 9]
+    want = model.sample(torch.tensor(labels), num_steps=3, generator=torch.Generator().manual_seed(7))  # [B,C,H,W]
+
+    saved = tmp_path / "saved-runs"
+    shutil.move(project / "runs", saved)  # the run and its public stages gone
+    monkeypatch.chdir(tmp_path)
+    try:
+        pipe = DiffusionPipeline.from_pretrained(str(out), trust_remote_code=True)
+        assert type(pipe).__name__ == "DPLDMPipeline" and "dpldm" not in type(pipe).__module__
+        got = pipe(class_labels=labels, num_inference_steps=3, generator=torch.Generator().manual_seed(7),
+                   output_type="pt").images
+        assert torch.allclose(got, want, atol=1e-5)
+        pil = pipe(class_labels=[1], num_inference_steps=2).images
+        assert len(pil) == 1 and pil[0].size == (32, 32)
+        with pytest.raises(ValueError, match="0..9"):
+            pipe(class_labels=[10])
+    finally:
+        shutil.move(saved, project / "runs")
+
+    card = (out / "README.md").read_text()
+    spent = ckpt["privacy"]
+    assert f"ε = {spent['privacy/epsilon']:.3g}" in card and f"{spent['privacy/noise_multiplier']:.4g}" in card
+    assert "Poisson" in card and "attention scope" in card and "N (private training images) | 1,437" in card
+    assert "sha256" in card and "Hyperparameter selection" in card
+
+
+def test_a_lora_run_exports_merged_into_a_plain_unet(project, tmp_path, monkeypatch):
+    from diffusers import DiffusionPipeline
+
+    from dpldm.cli import DPLDMCLI
+    from tests.test_quickstart import TINY
+
+    monkeypatch.chdir(project)
+    chain = quickstart.stage_overrides("runs/quickstart", {"finetune": TINY["finetune"]})["finetune"]
+    DPLDMCLI(args=["fit", "--config", os.path.join(quickstart.config_dir(), "finetune.yaml"), *chain, *ONE_STEP,
+                   "--trainer.default_root_dir=runs/lora", "--model.init_args.scope.init_args.kind=lora"])
+    ckpt = next((project / "runs" / "lora" / "checkpoints").glob("*.ckpt"))
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    lora_b = [k for k in state["state_dict"] if "lora_B" in k]
+    for k in lora_b:  # as if trained longer: adapters that move the samples (one tiny step barely does)
+        state["state_dict"][k] = 0.3 * torch.randn_like(state["state_dict"][k])
+    torch.save(state, ckpt)
+    model = load_run("runs/lora")
+    assert lora_b and getattr(model.unet, "_hf_peft_config_loaded", False)  # reloaded with its adapters
+    main(["export", "runs/lora", str(tmp_path / "lora-model")])
+    want = model.sample(torch.tensor([2, 5]), num_steps=2, generator=torch.Generator().manual_seed(1))
+    pipe = DiffusionPipeline.from_pretrained(str(tmp_path / "lora-model"), trust_remote_code=True)
+    assert not any("lora" in k for k in pipe.unet.state_dict())  # merged: a UNet that loads without PEFT
+    got = pipe(class_labels=[2, 5], num_inference_steps=2, generator=torch.Generator().manual_seed(1),
+               output_type="pt").images
+    assert torch.allclose(got, want, atol=1e-5)
+    assert "lora scope" in (tmp_path / "lora-model" / "README.md").read_text()

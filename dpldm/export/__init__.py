@@ -1,0 +1,78 @@
+"""``dpldm export RUN OUT``: a finished run as a self-contained diffusers pipeline folder with a model card.
+
+OUT holds ``model_index.json``, ``unet/`` (EMA weights when kept; LoRA adapters merged), ``vae/`` (its latent
+scale factor the run's), ``scheduler/`` (the run's solver on its training schedule), ``conditioning/`` (the
+class embedding), ``pipeline.py`` (:mod:`dpldm.export.pipeline`: torch and diffusers only) and ``README.md``
+(:func:`dpldm.export.card.model_card`: (ε, δ), σ, q, T, C, K, scope, N, the public base model, what the
+guarantee does not cover). It loads from any folder, without the run or dpldm:
+``DiffusionPipeline.from_pretrained(OUT, trust_remote_code=True)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+
+import torch
+
+from dpldm.errors import ConfigError
+
+PIPELINE = os.path.join(os.path.dirname(__file__), "pipeline.py")
+
+
+def export_run(run_dir: str, out: str, checkpoint: str | None = None) -> str:
+    """Write the run's model (its newest checkpoint, or ``checkpoint``) to the pipeline folder ``out``.
+
+    Returns:
+        ``out``.
+    """
+    from dpldm.export.card import model_card
+    from dpldm.export.pipeline import ClassEmbedding, DPLDMPipeline
+    from dpldm.modules.conditioning import ClassEmbedder
+    from dpldm.modules.sampling import solver_scheduler
+    from dpldm.privacy.scope import merged_unet
+    from dpldm.runs import load_run_and_data, saved_config
+
+    model, _, path = load_run_and_data(run_dir, checkpoint)
+    cond = model.conditioner
+    if not isinstance(cond, ClassEmbedder):
+        raise ConfigError("model.init_args.conditioner", type(cond).__name__,
+                          "dpldm export writes class-conditional models (ClassEmbedder) so far")
+    privacy = torch.load(path, map_location="cpu", weights_only=False).get("privacy")
+    with model.ema_weights():  # the weights the run samples with
+        unet = merged_unet(model.unet)
+        embedding = ClassEmbedding(cond.num_classes, cond.embed_dim, cond.num_tokens)
+        embedding.embedding.load_state_dict(cond.embedding.state_dict())
+        vae = model.autoencoder.vae
+        vae.register_to_config(scaling_factor=model.autoencoder.scale_factor)  # the scale the run used
+        pipe = DPLDMPipeline(unet=unet, vae=vae, scheduler=solver_scheduler(model.noise_scheduler, model.solver),
+                             conditioning=embedding, num_inference_steps=model.sampling_steps,
+                             guidance_scale=model.guidance_scale)
+        pipe.save_pretrained(out)
+    for folder in (out, os.path.join(out, "conditioning")):  # the pipeline's and the component's code
+        shutil.copy(PIPELINE, os.path.join(folder, "pipeline.py"))
+    index_path = os.path.join(out, "model_index.json")
+    with open(index_path) as f:
+        index = json.load(f)
+    index["_class_name"] = ["pipeline", "DPLDMPipeline"]  # diffusers loads both from the folder's pipeline.py
+    index["conditioning"] = ["pipeline", "ClassEmbedding"]
+    with open(index_path, "w") as f:
+        json.dump(index, f, indent=2)
+    cfg, _ = saved_config(run_dir)
+    with open(os.path.join(out, "README.md"), "w") as f:
+        f.write(model_card(os.path.basename(os.path.normpath(out)), model, privacy, cfg, run_dir))
+    return out
+
+
+def main(argv: list[str]) -> str:
+    p = argparse.ArgumentParser(prog="dpldm export", description=__doc__.split("\n\n")[0])
+    p.add_argument("run", help="the run directory (trainer.default_root_dir), e.g. runs/quickstart/finetune")
+    p.add_argument("out", help="the pipeline folder to write")
+    p.add_argument("--ckpt", help="checkpoint file (default: the run's newest)")
+    args = p.parse_args(argv)
+    out = export_run(args.run, args.out, args.ckpt)
+    print(f"exported {args.run} -> {out}/ (README.md: its privacy card)\n"
+          f"load it: DiffusionPipeline.from_pretrained({out!r}, trust_remote_code=True)")
+    return out

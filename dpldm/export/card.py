@@ -1,0 +1,102 @@
+"""The model card (``README.md``) of an exported DP model: what was guaranteed, with which settings, from which
+public base model, and what the guarantee does not cover."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+
+from dpldm.runs import rebased
+
+USAGE = """```python
+from diffusers import DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained("{folder}", trust_remote_code=True)  # pipeline.py: torch + diffusers
+images = pipe(class_labels=list(range({classes})), num_inference_steps={steps}).images
+```"""
+
+CAVEATS = """## What the guarantee does not cover
+
+- **The public base model and its data.** They are not private: anything the base model memorised from its own
+  training data can appear in samples, and its licence applies.
+- **Hyperparameter selection.** (ε, δ) covers one training run with the settings above. Settings chosen by
+  comparing runs on the private data (a sweep scored on it) spend privacy that is not counted here.
+- **One example, not one person.** The unit is one training image. A person with k images is covered at about
+  kε (group privacy).
+- **Everything outside training.** Metrics logged on private data (declared by `log_private_metrics`), and any
+  evaluation on private test images, are not part of this guarantee."""
+
+
+def _weights_hash(path: str, subfolder: str | None) -> str | None:
+    """sha256 (first 16 hex digits) of a local diffusers model's weight files, or None for a hub id."""
+    folder = os.path.join(path, subfolder or "")
+    files = sorted(f for ext in ("safetensors", "bin") for f in glob.glob(os.path.join(folder, f"*.{ext}")))
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for name in files:
+        with open(name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def base_models(cfg: dict, run_dir: str) -> list[str]:
+    """One line per public part: where it came from (as configured) and, when it is on disk, its hash."""
+    model = cfg["model"]["init_args"]
+    parts = {"UNet": model.get("unet", {}), "autoencoder": model.get("autoencoder", {}).get("init_args", {}).get("vae", {})}
+    lines = []
+    for name, part in parts.items():
+        args = part.get("init_args", {})
+        path, subfolder = args.get("path"), args.get("subfolder")
+        if path is None:
+            lines.append(f"- {name}: built from its config ({part.get('class_path', '?')}), random initial weights")
+            continue
+        where = f"`{path}`" + (f" (subfolder `{subfolder}`)" if subfolder else "")
+        found = rebased(path, run_dir)
+        digest = _weights_hash(found, subfolder) if os.path.isdir(found) else None
+        start = "" if args.get("weights", True) else "; architecture only, random initial weights"
+        lines.append(f"- {name}: {where}" + (f", weights sha256 {digest}…" if digest else "") + start)
+    return lines
+
+
+def model_card(name: str, model: object, privacy: dict | None, cfg: dict, run_dir: str) -> str:
+    """``README.md`` of the exported folder ``name``.
+
+    Args:
+        name: the folder's name (the title).
+        model: the run's :class:`~dpldm.modules.LatentDiffusion` (its settings: privacy, scope, K).
+        privacy: the checkpoint's privacy record (``privacy/epsilon``, ``privacy/delta``, ...), None without DP.
+        cfg: the run's config as saved (the public base model's paths).
+        run_dir: the run folder (its launch folder resolves relative paths).
+    """
+    params = list(model.parameters())
+    trained = sum(p.numel() for p in model.trainable_parameters()) / sum(p.numel() for p in params)
+    scope = model.scope.kind if model.scope is not None else "everything"
+    front = ["---", "library_name: diffusers", "tags: [differential-privacy, dp-sgd, latent-diffusion, dpldm]", "---", ""]
+    if privacy is None or model.privacy is None:
+        body = [f"# {name}: NOT differentially private", "",
+                "This model was trained without DP-SGD (a declared non-private run). It carries **no privacy "
+                "guarantee**: it may reproduce its training images.", ""]
+    else:
+        dp = model.privacy
+        q, n_expected = privacy["privacy/sample_rate"], privacy["privacy/expected_batch_size"]
+        rows = [("guarantee", f"(ε = {privacy['privacy/epsilon']:.3g}, δ = {privacy['privacy/delta']:.3g})-DP per "
+                 "training image (add/remove one), over the steps actually taken"),
+                ("accountant", f"{dp.accountant} (Opacus)"),
+                ("noise multiplier σ", f"{privacy['privacy/noise_multiplier']:.4g}"),
+                ("sampling", f"Poisson, rate q = {q:.4g} (expected batch B = {n_expected:g})"),
+                ("N (private training images)", f"{round(n_expected / q):,}"),
+                ("steps T", f"{int(privacy['privacy/steps']):,}"),
+                ("clipping norm C", f"{dp.max_grad_norm:g}, each example's whole gradient"),
+                ("noise draws K", f"{model.noise_draws} (the K losses of an example averaged, then clipped once)"),
+                ("trained", f"{scope} scope: {trained:.1%} of the parameters (the rest frozen, public)")]
+        body = [f"# {name}: a differentially private latent diffusion model", "",
+                "Fine-tuned by dpldm following DP-LDM (Lyu, Liu, Vinaroz, Park; TMLR 2024): "
+                "a public latent diffusion model whose autoencoder stays frozen, trained with DP-SGD on private "
+                "images.", "", "## Privacy", "", "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows), ""]
+    classes = getattr(model.conditioner, "num_classes", 10)
+    body += ["## Public base model", "", *base_models(cfg, run_dir), "", "## Use", "",
+             USAGE.format(folder=name, classes=classes, steps=model.sampling_steps), "", CAVEATS, ""]
+    return "\n".join(front + body)
