@@ -4,9 +4,9 @@ A run's config holds paths as they were written at launch, usually relative to t
 (``runs/quickstart/ldm/pretrained``). Reloading from elsewhere (a notebook kernel in ``notebooks/``, the run
 folder moved, the public stages deleted) uses two things the fit leaves beside its ``config.yaml``:
 
-- ``architecture/{unet,vae}/config.json``: the diffusers configs of the UNet and the autoencoder it built. The
-  checkpoint holds every weight (frozen ones included), so the reload builds these architectures and loads
-  the checkpoint into them: it needs no public stage on disk.
+- ``architecture/{unet,vae,scheduler}/``: the diffusers configs of the UNet, the autoencoder and the training
+  schedule it built. The checkpoint holds every weight (frozen ones included), so the reload builds these
+  architectures and loads the checkpoint into them: it needs no public stage on disk.
 - ``launch.json``: the folder the fit was launched from. Any other relative path of the config (data roots,
   caches, metric files) that is not found from the current folder is looked up from there, or from the launch
   folder implied by where the run now lies (``trainer.default_root_dir`` is the run's own path from it).
@@ -43,6 +43,7 @@ def write_run_files(model: L.LightningModule, log_dir: str) -> None:
     if unet is not None and vae is not None:
         unet.save_config(os.path.join(log_dir, ARCHITECTURE, "unet"))  # LoRA adapters: re-added by the scope
         vae.save_config(os.path.join(log_dir, ARCHITECTURE, "vae"))
+        model.noise_scheduler.save_config(os.path.join(log_dir, ARCHITECTURE, "scheduler"))  # its base schedule
 
 
 def _launch_dirs(cfg: dict, run_dir: str, config_dir: str) -> list[str]:

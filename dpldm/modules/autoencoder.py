@@ -13,7 +13,7 @@ from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import Tensor, nn
 
-from dpldm.modules.hub import load_pretrained
+from dpldm.modules.hub import dtype_of, load_pretrained
 
 
 def build_autoencoder(
@@ -48,24 +48,27 @@ def build_autoencoder(
     )
 
 
-def load_autoencoder(path: str, subfolder: str | None = None, weights: bool = True) -> AutoencoderKL:
-    """A pretrained ``AutoencoderKL`` from a local diffusers directory or a hub id.
+def load_autoencoder(path: str, subfolder: str | None = None, weights: bool = True, revision: str | None = None,
+                     variant: str | None = None, torch_dtype: str | None = None) -> AutoencoderKL:
+    """A pretrained ``AutoencoderKL`` from a local diffusers directory or a hub id, loaded strictly.
 
     Args:
         path: directory (e.g. ``runs/quickstart/autoencoder/pretrained``) or hub id
             (e.g. ``stabilityai/sd-vae-ft-mse``).
         subfolder: subfolder inside ``path`` (``vae`` for a Stable Diffusion pipeline repo).
         weights: ``False``: the architecture alone, randomly initialised (a run reloaded from its checkpoint).
+        revision: hub branch, tag or commit.
+        variant: weights variant (e.g. ``fp16``).
+        torch_dtype: ``float32``, ``float16`` or ``bfloat16`` (default: as stored).
     """
+    key = "model.init_args.autoencoder.init_args.vae.init_args.path"
     if not weights:
-        config = load_pretrained(AutoencoderKL.load_config, path,
-                                 "model.init_args.autoencoder.init_args.vae.init_args.path", "autoencoder config",
-                                 subfolder or None)
+        config = load_pretrained(AutoencoderKL.load_config, path, key, "autoencoder config", subfolder or None,
+                                 revision)
         return AutoencoderKL.from_config(config)
-    return load_pretrained(
-        AutoencoderKL.from_pretrained, path, "model.init_args.autoencoder.init_args.vae.init_args.path",
-        "autoencoder", subfolder,
-    )
+    dtype = dtype_of(torch_dtype, "model.init_args.autoencoder.init_args.vae.init_args.torch_dtype")
+    return load_pretrained(AutoencoderKL.from_pretrained, path, key, "autoencoder", subfolder, revision, variant,
+                           dtype)
 
 
 class FrozenAutoencoder(nn.Module):

@@ -25,16 +25,12 @@ from dpldm.modules.autoencoder import FrozenAutoencoder
 from dpldm.modules.conditioning import Conditioner
 from dpldm.modules.loss import LossWeighting, TimestepSampler, UniformTimesteps, UnitWeighting, denoising_loss
 from dpldm.modules.sampling import Solver, sample_latents
+from dpldm.modules.schedule import training_schedule
 from dpldm.modules.unet import unet_downsample_factor
 from dpldm.privacy.engine import DPSGDEngine
 from dpldm.privacy.sampling import poisson_rate
 from dpldm.privacy.scope import TrainableScope, count, merged_unet
 from dpldm.privacy.settings import DifferentialPrivacy, check_private_data, check_trainer, plan
-
-
-def ldm_noise_schedule() -> DDPMScheduler:
-    """The schedule of LDM/Stable Diffusion: 1000 steps, scaled-linear betas 0.00085 -> 0.012."""
-    return DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False)
 
 
 def _adamw(params: Iterator[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -48,8 +44,9 @@ class LatentDiffusion(L.LightningModule):
         unet: the denoiser (``dpldm.modules.unet.build_unet`` or ``load_unet``).
         autoencoder: the frozen public autoencoder.
         conditioner: class embedder (trained) or text encoder (frozen).
-        noise_scheduler: forward process and prediction type (``epsilon`` or ``v_prediction``);
-            default: LDM's scaled-linear schedule.
+        noise_scheduler: forward process and prediction type (``epsilon``, ``v_prediction`` or ``sample``);
+            default: the base pipeline's scheduler (``load_unet``), else LDM's scaled-linear schedule. One that
+            contradicts the base pipeline's is refused (:mod:`dpldm.modules.schedule`).
         timesteps: how training timesteps are drawn; default uniform.
         weighting: loss weight per timestep; default 1.
         noise_draws: K (t, noise) draws per example, averaged into one per-example loss.
@@ -87,7 +84,7 @@ class LatentDiffusion(L.LightningModule):
     ):
         super().__init__()
         self.unet, self.autoencoder, self.conditioner = unet, autoencoder, conditioner
-        self.noise_scheduler = noise_scheduler or ldm_noise_schedule()
+        self.noise_scheduler = training_schedule(noise_scheduler, getattr(unet, "base_scheduler_config", None))
         self.timesteps = timesteps or UniformTimesteps()
         self.weighting = weighting or UnitWeighting()
         self.noise_draws, self.cond_drop_prob = noise_draws, cond_drop_prob
@@ -311,10 +308,12 @@ class LatentDiffusion(L.LightningModule):
         return images
 
     def export_pretrained(self, dirpath: str) -> None:
-        """Write the UNet (EMA weights if kept; LoRA adapters merged) in diffusers format to ``dirpath/unet``, and
-        a trained conditioner's weights to ``dirpath/conditioner.pt``."""
+        """Write the UNet (EMA weights if kept; LoRA adapters merged) in diffusers format to ``dirpath/unet``, its
+        training schedule to ``dirpath/scheduler``, and a trained conditioner's weights to
+        ``dirpath/conditioner.pt``."""
         with self.ema_weights():
             merged_unet(self.unet).save_pretrained(os.path.join(dirpath, "unet"))
+            self.noise_scheduler.save_pretrained(os.path.join(dirpath, "scheduler"))  # what the next stage trains on
             trained = {n: p.detach() for n, p in self.conditioner.named_parameters() if p.requires_grad}
             if trained:  # only the trained part: never a copy of a frozen text tower
                 torch.save(trained, os.path.join(dirpath, "conditioner.pt"))

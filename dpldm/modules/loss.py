@@ -43,7 +43,7 @@ class UnitWeighting(LossWeighting):
 
 class MinSNRWeighting(LossWeighting):
     """Min-SNR-gamma (Hang et al., 2023): w = min(SNR(t), gamma) / SNR(t) for epsilon targets,
-    min(SNR, gamma) / (SNR + 1) for v targets.
+    min(SNR, gamma) / (SNR + 1) for v targets, min(SNR, gamma) for z_0 (``sample``) targets.
 
     Args:
         gamma: the SNR cap (5 in the paper).
@@ -55,7 +55,8 @@ class MinSNRWeighting(LossWeighting):
     def __call__(self, t: Tensor, scheduler: DDPMScheduler) -> Tensor:
         alpha_bar = scheduler.alphas_cumprod.to(t.device)[t]
         snr = alpha_bar / (1 - alpha_bar)
-        denom = snr + 1 if scheduler.config.prediction_type == "v_prediction" else snr
+        kind = scheduler.config.prediction_type
+        denom = snr + 1 if kind == "v_prediction" else torch.ones_like(snr) if kind == "sample" else snr
         return snr.clamp(max=self.gamma) / denom
 
 
@@ -88,10 +89,11 @@ def denoising_loss(
     t = timesteps(z0.shape[0], scheduler.config.num_train_timesteps, z0.device)  # [B*K]
     noise = torch.randn_like(z0)
     z_t = scheduler.add_noise(z0, noise, t)
-    if scheduler.config.prediction_type == "v_prediction":
-        target = scheduler.get_velocity(z0, noise, t)
-    else:
-        target = noise
+    kind = scheduler.config.prediction_type
+    if kind not in ("epsilon", "v_prediction", "sample"):
+        raise ValueError(f"prediction_type {kind!r}: dpldm trains epsilon, v_prediction or sample")
+    target = {"epsilon": noise, "sample": z0}.get(kind)
+    target = scheduler.get_velocity(z0, noise, t) if target is None else target  # v = alpha_t eps - sigma_t z_0
     pred = unet(z_t, t, encoder_hidden_states=ctx).sample
     per_draw = (pred.float() - target.float()).pow(2).flatten(1).mean(1) * weighting(t, scheduler)  # [B*K]
     return per_draw.view(b, noise_draws).mean(1)  # [B]

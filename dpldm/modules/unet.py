@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from diffusers import UNet2DConditionModel
 
-from dpldm.modules.hub import load_pretrained
+from dpldm.modules.hub import dtype_of, load_pretrained
 
 
 def build_unet(
@@ -59,22 +59,42 @@ def build_unet(
     )
 
 
-def load_unet(path: str, subfolder: str | None = None, weights: bool = True) -> UNet2DConditionModel:
-    """A pretrained UNet from a local diffusers directory or a hub id.
+def load_unet(path: str, subfolder: str | None = None, weights: bool = True, revision: str | None = None,
+              variant: str | None = None, torch_dtype: str | None = None) -> UNet2DConditionModel:
+    """A pretrained UNet from a local diffusers directory or a hub id, loaded strictly.
+
+    When ``path`` is a pipeline (a ``subfolder`` such as ``unet`` beside a ``scheduler``), the pipeline's
+    scheduler config comes along as ``unet.base_scheduler_config``: :class:`~dpldm.modules.LatentDiffusion`
+    trains and samples on that schedule and prediction type (epsilon, v or sample) unless told otherwise.
 
     Args:
         path: directory (e.g. ``runs/quickstart/ldm/pretrained``) or hub id.
         subfolder: subfolder inside ``path`` (``unet`` for a pipeline repo).
         weights: ``False``: the same architecture with fresh random weights (training from scratch).
+        revision: hub branch, tag or commit.
+        variant: weights variant (e.g. ``fp16``).
+        torch_dtype: ``float32``, ``float16`` or ``bfloat16`` (default: as stored).
     """
+    key = "model.init_args.unet.init_args.path"
     if not weights:
-        config = load_pretrained(UNet2DConditionModel.load_config, path, "model.init_args.unet.init_args.path",
-                                 "UNet config", subfolder or None)
-        return UNet2DConditionModel.from_config(config)
-    return load_pretrained(
-        UNet2DConditionModel.from_pretrained, path, "model.init_args.unet.init_args.path", "UNet",
-        subfolder or None,
-    )
+        config = load_pretrained(UNet2DConditionModel.load_config, path, key, "UNet config", subfolder or None,
+                                 revision)
+        unet = UNet2DConditionModel.from_config(config)
+    else:
+        unet = load_pretrained(UNet2DConditionModel.from_pretrained, path, key, "UNet", subfolder or None, revision,
+                               variant, dtype_of(torch_dtype, "model.init_args.unet.init_args.torch_dtype"))
+    unet.base_scheduler_config = base_scheduler_config(path, revision) if subfolder else None
+    return unet
+
+
+def base_scheduler_config(path: str, revision: str | None = None) -> dict | None:
+    """The ``scheduler/`` config of the pipeline at ``path`` (local or cached), or None if it has none."""
+    from diffusers import DDPMScheduler
+
+    try:
+        return dict(DDPMScheduler.load_config(path, subfolder="scheduler", revision=revision))
+    except (OSError, ValueError):
+        return None
 
 
 def unet_downsample_factor(unet: UNet2DConditionModel) -> int:

@@ -48,3 +48,17 @@ def test_min_snr_weighting_caps_low_noise_steps():
     snr = alpha_bar / (1 - alpha_bar)
     assert w[0] < 1 and torch.isclose(w[0], 5.0 / snr[0])  # high SNR: capped
     assert torch.isclose(w[1], torch.tensor(1.0))  # low SNR: weight 1
+
+
+def test_sample_prediction_target_is_z0():
+    sched = DDPMScheduler(prediction_type="sample")
+    z0 = torch.randn(2, 1, 2, 2)
+    torch.manual_seed(2)
+    loss = denoising_loss(Echo(), z0, torch.zeros(2, 1, 1), sched, UniformTimesteps(), UnitWeighting())
+    torch.manual_seed(2)
+    t = torch.randint(0, 1000, (2,))
+    zt = sched.add_noise(z0, torch.randn(2, 1, 2, 2), t)
+    torch.testing.assert_close(loss, (zt - z0).pow(2).flatten(1).mean(1))
+    w = MinSNRWeighting(gamma=5.0)(torch.tensor([0, 999]), sched)  # min(SNR, gamma) for z_0 targets
+    alpha_bar = sched.alphas_cumprod[[0, 999]]
+    torch.testing.assert_close(w, (alpha_bar / (1 - alpha_bar)).clamp(max=5.0))

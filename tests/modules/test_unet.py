@@ -30,3 +30,35 @@ def test_load_unet_offline_error_names_key():
 def test_local_dir_without_weights_is_reported(tmp_path):
     with pytest.raises(PretrainedNotFoundError, match="no diffusers-format weights"):
         load_unet(str(tmp_path))
+
+
+def test_loading_is_strict_about_keys_that_do_not_fit(tmp_path):
+    """Weights that do not fill the config (a missing block) are an error listing the keys, not a random init."""
+    from safetensors.torch import load_file, save_file
+
+    from dpldm.modules.hub import PretrainedMismatchError
+
+    build_unet(**TINY_UNET).save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "diffusion_pytorch_model.safetensors")
+    dropped = sorted(k for k in weights if k.startswith("conv_out"))
+    save_file({k: v for k, v in weights.items() if k not in dropped}, tmp_path / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(PretrainedMismatchError, match="missing keys.*conv_out"):
+        load_unet(str(tmp_path))
+
+
+def test_variant_and_dtype_are_passed_to_diffusers(tmp_path):
+    unet = build_unet(**TINY_UNET)
+    unet.save_pretrained(tmp_path, variant="fp16")
+    loaded = load_unet(str(tmp_path), variant="fp16", torch_dtype="bfloat16")
+    assert next(loaded.parameters()).dtype == torch.bfloat16
+    for a, b in zip(unet.state_dict().values(), loaded.state_dict().values()):
+        assert torch.equal(a.to(torch.bfloat16), b)
+    with pytest.raises(PretrainedNotFoundError, match="variant 'ema'"):
+        load_unet(str(tmp_path), variant="ema")
+    with pytest.raises(ConfigError, match="torch_dtype.*float16"):
+        load_unet(str(tmp_path), variant="fp16", torch_dtype="half")
+
+
+def test_offline_error_gives_the_hf_download_command():
+    with pytest.raises(PretrainedNotFoundError, match=r"hf download CompVis/x --revision v1 --include 'unet/\*'"):
+        load_unet("CompVis/x", subfolder="unet", revision="v1")
