@@ -43,6 +43,7 @@ def export_run(run_dir: str, out: str, checkpoint: str | None = None) -> str:
     privacy = torch.load(path, map_location="cpu", weights_only=False).get("privacy")
     with model.ema_weights():  # the weights the run samples with
         unet = merged_unet(model.unet)
+        unet.register_to_config(sample_size=model.latent_size)  # the size it was trained at: the pipeline's
         embedding = ClassEmbedding(cond.num_classes, cond.embed_dim, cond.num_tokens)
         embedding.embedding.load_state_dict(cond.embedding.state_dict())
         vae = model.autoencoder.vae

@@ -56,6 +56,9 @@ class LatentDiffusion(L.LightningModule):
         guidance_scale: classifier-free guidance scale used by :meth:`sample`.
         sampling_steps: solver steps used by :meth:`sample`.
         solver: the sampler of :meth:`sample`: ``ddim`` or ``dpm_solver++`` (fewer steps for the same quality).
+        latent_size: the latent height and width trained and sampled at (image size / autoencoder factor);
+            default the UNet's ``sample_size``. The UNet is convolutional, so a base model can be fine-tuned at
+            another resolution (e.g. a 512-pixel Stable Diffusion at 256: ``latent_size: 32``).
         scope: train only this part of the UNet (+ conditioner); default: everything, or ``attention``
             when ``privacy`` is set.
         privacy: DP-SGD settings; ``None`` trains without a privacy guarantee.
@@ -78,6 +81,7 @@ class LatentDiffusion(L.LightningModule):
         guidance_scale: float = 3.0,
         sampling_steps: int = 50,
         solver: Solver = "ddim",
+        latent_size: int | None = None,
         scope: TrainableScope | None = None,
         privacy: DifferentialPrivacy | None = None,
         allow_non_private: bool = False,
@@ -90,6 +94,7 @@ class LatentDiffusion(L.LightningModule):
         self.noise_draws, self.cond_drop_prob = noise_draws, cond_drop_prob
         self.optimizer_factory = optimizer
         self.guidance_scale, self.sampling_steps, self.solver = guidance_scale, sampling_steps, solver
+        self.latent_size = latent_size or unet.config.sample_size
         self._check_parts()
         self.privacy, self.dp = privacy, None  # dp: the DPSGDEngine, built at fit start (needs N)
         self.allow_non_private = allow_non_private
@@ -190,8 +195,7 @@ class LatentDiffusion(L.LightningModule):
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        size = self.unet.config.sample_size
-        return (self.unet.config.in_channels, size, size)
+        return (self.unet.config.in_channels, self.latent_size, self.latent_size)
 
     # --- training ---
     def per_example_loss(self, batch: dict) -> Tensor:
@@ -340,9 +344,10 @@ def check_data_compatible(model: LatentDiffusion, dm: object) -> None:
         if latent % need:
             raise ConfigError(f"{data}.image_size", size,
                               f"gives {latent}x{latent} latents; the UNet needs a multiple of {need}")
-        if latent != model.unet.config.sample_size:
-            raise ConfigError("model.init_args.unet.init_args.sample_size", model.unet.config.sample_size,
-                              f"must equal the latent size image_size / f = {size} / {ae.downsample_factor} = {latent}")
+        if latent != model.latent_size:
+            raise ConfigError("model.init_args.latent_size", model.latent_size,
+                              f"must equal the latent size image_size / f = {size} / {ae.downsample_factor} = {latent} "
+                              f"(default: the UNet's sample_size; set latent_size: {latent} to train at this size)")
     channels = getattr(dm, "channels", None)
     if channels is not None and channels != ae.in_channels:
         raise ConfigError(f"{data}.channels", channels,

@@ -135,7 +135,7 @@ class _DM:
 @pytest.mark.parametrize("dm, field", [
     (_DM(image_size=9), "data.init_args.image_size"),           # not divisible by f = 2
     (_DM(image_size=10), "data.init_args.image_size"),          # 5x5 latents; the UNet halves once
-    (_DM(image_size=16), "sample_size"),                        # latent 8 != unet sample_size 4
+    (_DM(image_size=16), "latent_size.*set latent_size: 8"),    # latent 8 != unet sample_size 4
     (_DM(channels=3), "data.init_args.channels"),
     (_DM(num_classes=7), "num_classes"),
 ])
@@ -171,3 +171,12 @@ def test_a_fit_on_private_data_without_dp_is_refused_unless_declared(tiny_vae, t
     assert declared.trainer.global_step == 1
     glyphs = GlyphsDataModule(characters="0123456789", image_size=8, batch_size=8, num_train=16, num_val=8, num_test=8)
     _fit_on(model(), glyphs, tmp_path)  # public data: no declaration needed
+
+
+def test_trains_and_samples_at_a_latent_size_other_than_the_unet_s(tiny_model):
+    """A base UNet of sample_size 4 fine-tuned on 16-pixel images (8x8 latents) with latent_size: 8."""
+    m = LatentDiffusion(tiny_model.unet, tiny_model.autoencoder, tiny_model.conditioner, latent_size=8)
+    check_data_compatible(m, _DM(image_size=16))  # accepted
+    assert m.sample(torch.tensor([0, 1]), num_steps=2).shape == (2, 1, 16, 16)
+    with pytest.raises(ConfigError, match="latent_size"):
+        check_data_compatible(m, _DM(image_size=8))
