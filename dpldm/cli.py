@@ -13,12 +13,13 @@ import warnings
 
 import lightning.pytorch as L
 import yaml
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 
 from dpldm.callbacks.checkpoint import ResumableCheckpoint
+from dpldm.callbacks.samples import SampleWriter
 from dpldm.loggers import WandbLogger, run_name, sweep_run, wandb_disabled
 from dpldm.runs import write_run_files
 
@@ -108,6 +109,8 @@ class DPLDMCLI(LightningCLI):
         if trainer_cfg.get("enable_checkpointing") is not False and not any(
                 isinstance(cb, ModelCheckpoint) for cb in callbacks):
             trainer_cfg["callbacks"] = [*callbacks, ResumableCheckpoint()]
+        if self.subcommand == "predict" and not any(isinstance(cb, BasePredictionWriter) for cb in callbacks):
+            trainer_cfg["callbacks"] = [*(trainer_cfg.get("callbacks") or callbacks), SampleWriter()]  # to files
         return super().instantiate_trainer(**kwargs)
 
 
@@ -139,6 +142,11 @@ SUBCOMMANDS = {"quickstart": "dpldm.quickstart", "sample": "dpldm.sample", "eval
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``dpldm`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "test":  # a test-set loss says little about a generator; its metrics are elsewhere
+        print("dpldm test is not offered: `dpldm evaluate RUN` runs the run's metric callbacks (FID, downstream "
+              "accuracy, CLIP score) on a checkpoint, and `dpldm predict --config CONFIG --ckpt_path CKPT` samples "
+              "the test set's conditions.", file=sys.stderr)
+        sys.exit(2)
     if argv and argv[0] == "cache":
         cache(argv[1:])
         return

@@ -78,8 +78,18 @@ def sample(model: torch.nn.Module, conds: list, out: str, batch_size: int = 64, 
         cond = chunk if isinstance(chunk[0], str) else torch.tensor(chunk, device=device)
         gen = torch.Generator(device).manual_seed(seed + k)
         images.append(model.sample(cond, guidance, steps, generator=gen, eta=eta, solver=solver).cpu())
-    x = torch.cat(images)  # [N, C, H, W] in [-1, 1]
-    save_grid(x, os.path.join(out, "grid.png"), nrow)
+    return write_samples(torch.cat(images), conds, out, nrow)
+
+
+def write_samples(x: torch.Tensor, conds: list, out: str, nrow: int = 8, grid_limit: int | None = None) -> np.ndarray:
+    """Write images [N, C, H, W] in [-1, 1] as PNGs, ``samples.npz`` (uint8 images and their conditions) and
+    ``grid.png`` (of the first ``grid_limit`` images; default all) to ``out``.
+
+    Returns:
+        uint8 images [N, H, W, C].
+    """
+    os.makedirs(out, exist_ok=True)
+    save_grid(x[:grid_limit], os.path.join(out, "grid.png"), nrow)
     x = (x + 1) / 2
     for i, img in enumerate(x):
         save_image(img, os.path.join(out, f"{i:05d}.png"))

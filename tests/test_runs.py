@@ -158,3 +158,21 @@ def test_a_lora_run_exports_merged_into_a_plain_unet(project, tmp_path, monkeypa
                output_type="pt").images
     assert torch.allclose(got, want, atol=1e-5)
     assert "lora scope" in (tmp_path / "lora-model" / "README.md").read_text()
+
+
+def test_predict_samples_the_test_set_s_conditions_and_test_points_to_evaluate(project, tmp_path, monkeypatch,
+                                                                              capsys):
+    monkeypatch.chdir(project)
+    run = project / "runs" / "quickstart" / "finetune"
+    config = run / "logs" / "version_0" / "config.yaml"
+    ckpt = sorted(run.glob("checkpoints/*.ckpt"))[-1]
+    out = tmp_path / "predict"
+    main(["predict", "--config", str(config), "--ckpt_path", str(ckpt), f"--trainer.default_root_dir={out}",
+          "--trainer.limit_predict_batches=2", "--data.init_args.source.init_args.batch_size=4",
+          "--trainer.logger=false"])
+    saved = np.load(out / "predictions" / "samples.npz")
+    assert saved["images"].shape == (8, 32, 32, 1) and saved["images"].std() > 0  # 2 batches of 4
+    assert set(saved["labels"]) <= set(range(10)) and len(list((out / "predictions").glob("0*.png"))) == 8
+    with pytest.raises(SystemExit) as err:
+        main(["test", "--config", str(config)])
+    assert err.value.code == 2 and "dpldm evaluate RUN" in capsys.readouterr().err

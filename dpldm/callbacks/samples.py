@@ -6,7 +6,9 @@ import os
 
 import lightning.pytorch as L
 import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_info
 
 from dpldm.utils.images import save_grid
 
@@ -56,3 +58,30 @@ class SampleGrid(L.Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._write(trainer, pl_module, "final")
+
+
+class SampleWriter(BasePredictionWriter):
+    """``dpldm predict``: writes the predicted samples (PNGs, ``samples.npz`` with their conditions, ``grid.png``)
+    to ``dirpath`` (default ``<trainer.default_root_dir>/predictions``; one subfolder per rank under DDP).
+
+    Args:
+        dirpath: the output folder.
+    """
+
+    def __init__(self, dirpath: str | None = None):
+        super().__init__(write_interval="epoch")
+        self.dirpath = dirpath
+
+    def write_on_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, predictions: list,
+                           batch_indices: list) -> None:
+        from dpldm.sample import write_samples
+
+        batches = predictions[0] if predictions and isinstance(predictions[0], list) else predictions  # 1 loader
+        if not batches:
+            return
+        out = self.dirpath or os.path.join(trainer.default_root_dir, "predictions")
+        out = os.path.join(out, f"rank{trainer.global_rank}") if trainer.world_size > 1 else out
+        images = torch.cat([b["images"] for b in batches])  # [N, C, H, W]
+        conds = [c for b in batches for c in b["cond"]]
+        write_samples(images, conds, out, nrow=min(8, len(conds)), grid_limit=64)
+        rank_zero_info(f"{len(conds)} predicted samples -> {out}/ (PNGs, samples.npz, grid.png of the first 64)")

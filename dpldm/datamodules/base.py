@@ -171,3 +171,7 @@ class ImageDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         """Loader over the test split, in order."""
         return self._loader(self._ensure("test"), shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """``dpldm predict``: the test split's conditions, in order (a synthetic copy of the test set)."""
+        return self.test_dataloader()

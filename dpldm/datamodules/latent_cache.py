@@ -227,3 +227,7 @@ class LatentCacheDataModule(ImageDataModule):
     def test_dataloader(self) -> DataLoader | list:
         self.source.setup("test")
         return self.source.test_dataloader()
+
+    def predict_dataloader(self) -> DataLoader | list:
+        self.source.setup("test")
+        return self.source.predict_dataloader()

@@ -254,6 +254,14 @@ class LatentDiffusion(L.LightningModule):
         loss = self.per_example_loss(batch).mean()
         self.log("val/loss", loss, prog_bar=True, batch_size=_batch_size(batch))
 
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        """``dpldm predict``: one sample per condition of the batch (seeded by the batch index), as
+        ``{"images": [B, C, H, W] in [-1, 1], "cond": the B conditions}``."""
+        cond = batch[self.conditioner.input_key]  # labels [B] or B captions
+        gen = torch.Generator(self.device).manual_seed(batch_idx)
+        return {"images": self.sample(cond, generator=gen).cpu(),
+                "cond": cond.tolist() if isinstance(cond, Tensor) else list(cond)}
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         optimizer = self.optimizer_factory(self.trainable_parameters())
         return self.dp.wrap(optimizer) if self.dp is not None else optimizer
