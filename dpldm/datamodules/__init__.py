@@ -6,6 +6,7 @@ from dpldm.datamodules.cifar10 import CIFAR10DataModule
 from dpldm.datamodules.digits import DigitsDataModule
 from dpldm.datamodules.fashion_mnist import FashionMNISTDataModule
 from dpldm.datamodules.glyphs import GlyphDataset, GlyphsDataModule
+from dpldm.datamodules.image_folder import ImageFolderDataModule
 from dpldm.datamodules.imagenet32 import ImageNet32DataModule
 from dpldm.datamodules.laion import LaionDataModule, WebImageTextDataset
 from dpldm.datamodules.latent_cache import LatentCacheDataModule, LatentCacheDataset
@@ -18,6 +19,7 @@ __all__ = [
     "GlyphDataset",
     "GlyphsDataModule",
     "ImageDataModule",
+    "ImageFolderDataModule",
     "ImageNet32DataModule",
     "LaionDataModule",
     "LatentCacheDataModule",

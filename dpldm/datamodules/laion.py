@@ -54,23 +54,25 @@ def _check_settings(image_size: int, shuffle_buffer: int, max_bad_fraction: floa
         raise ConfigError(f"{field}.max_bad_fraction", max_bad_fraction, "must satisfy 0 <= max_bad_fraction < 1")
 
 
-def load_image(data: bytes, size: int) -> torch.Tensor:
-    """Decode image bytes to ``FloatTensor[3, size, size]`` in ``[-1, 1]``.
+def load_image(data: bytes, size: int, mode: str = "RGB") -> torch.Tensor:
+    """Decode image bytes to ``FloatTensor[C, size, size]`` in ``[-1, 1]`` (C = 3, or 1 for ``mode="L"``).
 
     Args:
         data: encoded image (any format PIL reads).
         size: side ``S`` of the square output: shorter side resized to ``S``, centre cropped.
+        mode: PIL mode of the output: ``RGB`` or ``L`` (grey).
     """
     with Image.open(io.BytesIO(data)) as image:
-        image = image.convert("RGB")  # forces the decode; grey/palette/RGBA/CMYK -> RGB
+        image = image.convert(mode)  # forces the decode; grey/palette/RGBA/CMYK -> RGB (or grey)
     w, h = image.size
     scale = size / min(w, h)
     new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
     # PIL's bicubic resize filters over the whole footprint when shrinking (antialiased).
     image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
     left, top = (new_w - size) // 2, (new_h - size) // 2
-    pixels = np.array(image.crop((left, top, left + size, top + size)), dtype=np.uint8)  # (S, S, 3)
-    return torch.from_numpy(pixels).permute(2, 0, 1).float() / 127.5 - 1.0  # (3, S, S), fixed affine
+    pixels = np.array(image.crop((left, top, left + size, top + size)), dtype=np.uint8)  # (S, S, 3) or (S, S)
+    pixels = pixels[..., None] if pixels.ndim == 2 else pixels
+    return torch.from_numpy(pixels).permute(2, 0, 1).float() / 127.5 - 1.0  # (C, S, S), fixed affine
 
 
 def open_shard(url: str):
