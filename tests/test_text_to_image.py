@@ -8,6 +8,7 @@ import pytest
 
 from dpldm.cli import cache, main
 from dpldm.datamodules.cache_writer import CacheMismatchError
+from dpldm.errors import ConfigError
 from tests.shards import write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,6 +54,8 @@ def test_tiny_text_to_image_pipeline(tiny_args, tmp_path):
     saved = np.load(out / "samples.npz")
     assert saved["images"].shape == (4, 32, 32, 3) and saved["images"].dtype == np.uint8
     assert list(saved["prompts"]) == ["a photo of item 1"] * 2 + ["a red square"] * 2
+    with pytest.raises(ConfigError, match="class-conditional"):  # not exported yet, and it says so
+        main(["export", str(tmp_path / "run"), str(tmp_path / "exported")])
 
 
 def test_the_cache_refuses_another_text_encoder(tiny_args, tmp_path):
