@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from dpldm.cli import DPLDMCLI
 from dpldm.modules.diffusion import check_data_compatible
@@ -49,7 +50,7 @@ CHAINS = {
 
 
 # Configs whose public parts come pretrained (no stage 1-2 chain); instantiated by the tests below.
-PRETRAINED = ("laion/tiny.yaml", "laion/finetune.yaml")
+PRETRAINED = ("laion/tiny.yaml", "laion/finetune.yaml", "sd/finetune.yaml")
 ARCH = str(CONFIGS / "laion" / "tiny-clip.json")
 TEXT = "--model.init_args.conditioner.init_args"
 
@@ -176,3 +177,32 @@ def test_the_benchmark_recipe_takes_a_dp_step_on_its_configs(tmp_path):
                          "--trainer.logger", "false"])
     assert cli.model.dp.accountant.steps == 1 and cli.model.dp.plan.delta == 1e-5
     assert cli.model.ema is not None and cli.model.solver == "dpm_solver++"
+
+
+def test_the_stable_diffusion_recipe_takes_a_dp_step_with_its_own_text_encoder(tmp_path):
+    """configs/sd/finetune.yaml on a tiny SD-layout pipeline (v-prediction scheduler) and 6 written records: the
+    base model's CLIPTextModel is the conditioner, frozen and bit-identical after DP steps; the schedule and its
+    prediction type are the base pipeline's; training runs at latent_size, not the UNet's sample_size."""
+    from transformers import CLIPTextModel
+
+    from tests.conftest import write_tiny_sd
+    from tests.shards import write_shards
+
+    sd = str(write_tiny_sd(tmp_path / "sd", prediction_type="v_prediction"))
+    write_shards(tmp_path / "shards", num_shards=1, per_shard=6)
+    src = "--data.init_args.source.init_args"
+    cli = DPLDMCLI(args=[
+        "fit", "--config", str(CONFIGS / "sd" / "finetune.yaml"), UNET_PATH, sd, AE_PATH, sd, f"{TEXT}.path", sd,
+        "--model.init_args.latent_size=4", f"{src}.image_size=16", f"{src}.train_shards={tmp_path}/shards/shard-00000.tar",
+        f"{src}.num_workers=0", "--data.init_args.num_workers=0", "--data.init_args.batch_size=4",
+        f"--data.init_args.cache_dir={tmp_path / 'cache'}", f"--trainer.default_root_dir={tmp_path / 'run'}",
+        "--trainer.max_epochs=null", "--trainer.max_steps=2", "--trainer.precision=32-true", "--trainer.callbacks=[]",
+        "--model.init_args.privacy.init_args.max_physical_batch_size=4", "--model.init_args.sampling_steps=2"])
+    model = cli.model
+    assert type(model.conditioner).__name__ == "CLIPTextEncoder" and model.latent_shape == (4, 4, 4)
+    assert model.noise_scheduler.config.prediction_type == "v_prediction"
+    assert model.dp is not None and model.dp.accountant.steps == 2
+    ref = CLIPTextModel.from_pretrained(sd, subfolder="text_encoder").state_dict()
+    for k, v in model.conditioner.text_model.state_dict().items():
+        assert torch.equal(v, ref[k]), k
+    assert not any(p.requires_grad for p in model.conditioner.parameters())

@@ -124,7 +124,50 @@ def resolve_open_clip(model_name: str, pretrained: str | None, field: str) -> tu
     return model_name, pretrained
 
 
-class OpenCLIPTextEncoder(Conditioner):
+class FrozenTextEncoder(Conditioner):
+    """What every frozen text encoder shares: captions (or their cached frozen features) -> tokens, the empty
+    caption as the null condition, the frozen part always in eval mode, an optional trained projection.
+
+    Subclasses set ``projection`` (an ``nn.Linear`` or None) and implement :meth:`frozen_modules` and
+    :meth:`frozen_features`.
+    """
+
+    input_key = "caption"
+    cache_key = "text_features"
+    projection: nn.Module | None
+
+    def frozen_modules(self) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def trainable_modules(self) -> list[nn.Module]:
+        return [] if self.projection is None else [self.projection]
+
+    def train(self, mode: bool = True) -> "FrozenTextEncoder":
+        super().train(mode)
+        for m in self.frozen_modules():  # the text tower is always frozen, in eval mode
+            m.train(False)
+        return self
+
+    def _null_features(self, device: torch.device) -> Tensor:
+        if device not in self._null:  # the empty caption through the frozen tower: a constant
+            self._null[device] = self.frozen_features([""]).to(device)  # [1, T, W]
+        return self._null[device]
+
+    def forward(self, cond: list[str] | Tensor) -> Tensor:
+        """Captions, or their cached frozen features [B, T, W] -> tokens [B, T, D]."""
+        features = cond if isinstance(cond, Tensor) else self.frozen_features(cond)
+        return features if self.projection is None else self.projection(features)
+
+    def drop(self, cond: list[str] | Tensor, mask: Tensor) -> list[str] | Tensor:
+        if isinstance(cond, Tensor):
+            return torch.where(mask.view(-1, 1, 1), self._null_features(cond.device).to(cond.dtype), cond)
+        return ["" if m else c for c, m in zip(cond, mask.tolist())]
+
+    def null(self, batch_size: int) -> list[str]:
+        return [""] * batch_size
+
+
+class OpenCLIPTextEncoder(FrozenTextEncoder):
     """A frozen open_clip text transformer; its per-token features (after ``ln_final``), optionally
     mapped by a learned linear projection to the UNet's cross-attention width.
 
@@ -139,9 +182,6 @@ class OpenCLIPTextEncoder(Conditioner):
         projection_dim: output width D of a learned projection (when the UNet's ``cross_attention_dim``
             differs from the text width); ``None``: no projection, D = text width.
     """
-
-    input_key = "caption"
-    cache_key = "text_features"
 
     def __init__(self, model_name: str = "ViT-H-14", pretrained: str | None = "laion2b_s32b_b79k",
                  checkpoint: str | None = None, projection_dim: int | None = None):
@@ -176,15 +216,6 @@ class OpenCLIPTextEncoder(Conditioner):
     def frozen_modules(self) -> list[nn.Module]:
         return [self.token_embedding, self.transformer, self.ln_final]
 
-    def trainable_modules(self) -> list[nn.Module]:
-        return [] if self.projection is None else [self.projection]
-
-    def train(self, mode: bool = True) -> "OpenCLIPTextEncoder":
-        super().train(mode)
-        for m in self.frozen_modules():  # the text tower is always frozen, in eval mode
-            m.train(False)
-        return self
-
     @torch.no_grad()
     def frozen_features(self, captions: list[str]) -> Tensor:
         """captions -> per-token features [B, T, text_width] of the frozen tower."""
@@ -192,21 +223,3 @@ class OpenCLIPTextEncoder(Conditioner):
         x = self.token_embedding(tokens) + self.positional_embedding  # [B, T, W]
         x = self.transformer(x, attn_mask=self.attn_mask)
         return self.ln_final(x)  # [B, T, W]
-
-    def _null_features(self, device: torch.device) -> Tensor:
-        if device not in self._null:  # the empty caption through the frozen tower: a constant
-            self._null[device] = self.frozen_features([""]).to(device)  # [1, T, W]
-        return self._null[device]
-
-    def forward(self, cond: list[str] | Tensor) -> Tensor:
-        """Captions, or their cached frozen features [B, T, W] -> tokens [B, T, D]."""
-        features = cond if isinstance(cond, Tensor) else self.frozen_features(cond)
-        return features if self.projection is None else self.projection(features)
-
-    def drop(self, cond: list[str] | Tensor, mask: Tensor) -> list[str] | Tensor:
-        if isinstance(cond, Tensor):
-            return torch.where(mask.view(-1, 1, 1), self._null_features(cond.device).to(cond.dtype), cond)
-        return ["" if m else c for c, m in zip(cond, mask.tolist())]
-
-    def null(self, batch_size: int) -> list[str]:
-        return [""] * batch_size

@@ -52,7 +52,8 @@ def load_pretrained(load: Callable[..., T], path: str, config_key: str, what: st
     error.
 
     Args:
-        load: the ``from_pretrained`` or ``load_config`` classmethod to call.
+        load: the ``from_pretrained`` (a diffusers or transformers model, a tokenizer) or ``load_config``
+            classmethod to call.
         path: a local directory in diffusers format, or a hub id such as ``stabilityai/sd-vae-ft-mse``.
         config_key: the YAML key a user sets to point at a local copy (``...init_args.path``).
         what: a few words naming the part (``autoencoder``, ``UNet``) for the message.
@@ -68,11 +69,13 @@ def load_pretrained(load: Callable[..., T], path: str, config_key: str, what: st
         PretrainedNotFoundError: the weights are neither on disk nor downloadable.
         PretrainedMismatchError: the weights do not fill the model (missing, unexpected or mismatched keys).
     """
-    config_only = getattr(load, "__name__", "") == "load_config"
+    owner = getattr(load, "__self__", None)  # the class of a classmethod
+    is_model = isinstance(owner, type) and issubclass(owner, torch.nn.Module) and load.__name__ == "from_pretrained"
     options = {"subfolder": subfolder, "revision": revision}
-    if not config_only:  # no `accelerate` needed; the load info lists the keys that did not fit
-        options |= {"variant": variant, "torch_dtype": torch_dtype, "low_cpu_mem_usage": False,
-                    "output_loading_info": True}
+    if is_model:  # not a config or a tokenizer: the load info lists the keys that did not fit
+        options |= {"variant": variant, "torch_dtype": torch_dtype, "output_loading_info": True}
+        if owner.__module__.startswith("diffusers"):
+            options["low_cpu_mem_usage"] = False  # no `accelerate` needed
     try:
         loaded = load(path, **{k: v for k, v in options.items() if v is not None})
     except (OSError, ValueError, EnvironmentError) as err:  # hub errors derive from OSError/ValueError
@@ -84,7 +87,7 @@ def load_pretrained(load: Callable[..., T], path: str, config_key: str, what: st
             f"Could not load the pretrained {what} {where}: {reason}. Download it on a machine with internet "
             f"(`{download_hint(path, subfolder, revision)}`) and set `{config_key}` to the local directory. "
             f"Original error: {type(err).__name__}: {err}") from err
-    if config_only:
+    if not is_model:
         return loaded
     model, info = loaded
     bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
