@@ -128,7 +128,7 @@ def write_tiny_sd(folder, prediction_type: str = "epsilon"):
     build_autoencoder(in_channels=3, latent_channels=4, block_out_channels=(8, 16, 16),
                       norm_num_groups=4).save_pretrained(folder / "vae")
     DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
-                  prediction_type=prediction_type).save_pretrained(folder / "scheduler")
+                  steps_offset=1, prediction_type=prediction_type).save_pretrained(folder / "scheduler")  # SD's
     # CLIP's vocabulary as its SimpleTokenizer builds it: bytes, bytes + </w>, the merges, two special tokens
     bpe = os.path.join(os.path.dirname(open_clip.__file__), "bpe_simple_vocab_16e6.txt.gz")
     merges = gzip.open(bpe).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]

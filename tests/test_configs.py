@@ -206,3 +206,21 @@ def test_the_stable_diffusion_recipe_takes_a_dp_step_with_its_own_text_encoder(t
     for k, v in model.conditioner.text_model.state_dict().items():
         assert torch.equal(v, ref[k]), k
     assert not any(p.requires_grad for p in model.conditioner.parameters())
+
+    # exported as a standard StableDiffusionPipeline: the same images as the run's sampler for a seed
+    from diffusers import StableDiffusionPipeline
+
+    from dpldm.cli import main
+    from dpldm.runs import load_run
+
+    main(["export", str(tmp_path / "run"), str(tmp_path / "exported")])
+    run = load_run(str(tmp_path / "run"))
+    prompts = ["a photo of item 1", "a red square"]
+    want = run.sample(prompts, num_steps=2, generator=torch.Generator().manual_seed(3))  # [B, 3, 16, 16]
+    pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "exported"))
+    got = pipe(prompts, num_inference_steps=2, guidance_scale=run.guidance_scale, output_type="pt",
+               generator=torch.Generator().manual_seed(3)).images  # [B, 3, 16, 16] in [0, 1]
+    assert got.shape == (2, 3, 16, 16)
+    torch.testing.assert_close(got, (want + 1) / 2, atol=1e-4, rtol=0)
+    card = (tmp_path / "exported" / "README.md").read_text()
+    assert "StableDiffusionPipeline.from_pretrained" in card and "text encoder" in card

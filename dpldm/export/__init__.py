@@ -1,6 +1,8 @@
 """``dpldm export RUN OUT``: a finished run as a self-contained diffusers pipeline folder with a model card.
 
-OUT holds ``model_index.json``, ``unet/`` (EMA weights when kept; LoRA adapters merged), ``vae/`` (its latent
+A run on a Stable Diffusion base with its own CLIP text encoder exports as a standard ``StableDiffusionPipeline``
+folder (``text_encoder/``, ``tokenizer/``, ``unet/``, ``vae/``, ``scheduler/``). A class-conditional run's OUT
+holds ``model_index.json``, ``unet/`` (EMA weights when kept; LoRA adapters merged), ``vae/`` (its latent
 scale factor the run's), ``scheduler/`` (the run's solver on its training schedule), ``conditioning/`` (the
 class embedding), ``pipeline.py`` (:mod:`dpldm.export.pipeline`: torch and diffusers only) and ``README.md``
 (:func:`dpldm.export.card.model_card`: (ε, δ), σ, q, T, C, K, scope, N, the public base model, what the
@@ -23,35 +25,53 @@ PIPELINE = os.path.join(os.path.dirname(__file__), "pipeline.py")
 
 
 def export_run(run_dir: str, out: str, checkpoint: str | None = None) -> str:
-    """Write the run's model (its newest checkpoint, or ``checkpoint``) to the pipeline folder ``out``.
+    """Write the run's model (its newest checkpoint, or ``checkpoint``) to the pipeline folder ``out``: a
+    ``StableDiffusionPipeline`` for a run on a pipeline's own CLIP text encoder (no projection), dpldm's
+    class-conditional pipeline for a class embedder.
 
     Returns:
         ``out``.
     """
     from dpldm.export.card import model_card
-    from dpldm.export.pipeline import ClassEmbedding, DPLDMPipeline
+    from dpldm.modules.clip_text import CLIPTextEncoder
     from dpldm.modules.conditioning import ClassEmbedder
-    from dpldm.modules.sampling import solver_scheduler
     from dpldm.privacy.scope import merged_unet
     from dpldm.runs import load_run_and_data, saved_config
 
     model, _, path = load_run_and_data(run_dir, checkpoint)
     cond = model.conditioner
-    if not isinstance(cond, ClassEmbedder):
+    if isinstance(cond, ClassEmbedder):
+        write = _class_conditional
+    elif isinstance(cond, CLIPTextEncoder) and cond.projection is None:
+        write = _stable_diffusion
+    else:
         raise ConfigError("model.init_args.conditioner", type(cond).__name__,
-                          "dpldm export writes class-conditional models (ClassEmbedder) so far")
+                          "dpldm export writes class-conditional models (ClassEmbedder) and Stable Diffusion ones "
+                          "(CLIPTextEncoder without a projection) so far")
     privacy = torch.load(path, map_location="cpu", weights_only=False).get("privacy")
     with model.ema_weights():  # the weights the run samples with
         unet = merged_unet(model.unet)
         unet.register_to_config(sample_size=model.latent_size)  # the size it was trained at: the pipeline's
-        embedding = ClassEmbedding(cond.num_classes, cond.embed_dim, cond.num_tokens)
-        embedding.embedding.load_state_dict(cond.embedding.state_dict())
         vae = model.autoencoder.vae
         vae.register_to_config(scaling_factor=model.autoencoder.scale_factor)  # the scale the run used
-        pipe = DPLDMPipeline(unet=unet, vae=vae, scheduler=solver_scheduler(model.noise_scheduler, model.solver),
-                             conditioning=embedding, num_inference_steps=model.sampling_steps,
-                             guidance_scale=model.guidance_scale)
-        pipe.save_pretrained(out)
+        write(model, unet, vae, out)
+    cfg, _ = saved_config(run_dir)
+    with open(os.path.join(out, "README.md"), "w") as f:
+        f.write(model_card(os.path.basename(os.path.normpath(out)), model, privacy, cfg, run_dir))
+    return out
+
+
+def _class_conditional(model: object, unet: object, vae: object, out: str) -> None:
+    """dpldm's pipeline (``pipeline.py``, torch + diffusers only) with the class embedding as a component."""
+    from dpldm.export.pipeline import ClassEmbedding, DPLDMPipeline
+    from dpldm.modules.sampling import solver_scheduler
+
+    cond = model.conditioner
+    embedding = ClassEmbedding(cond.num_classes, cond.embed_dim, cond.num_tokens)
+    embedding.embedding.load_state_dict(cond.embedding.state_dict())
+    DPLDMPipeline(unet=unet, vae=vae, scheduler=solver_scheduler(model.noise_scheduler, model.solver),
+                  conditioning=embedding, num_inference_steps=model.sampling_steps,
+                  guidance_scale=model.guidance_scale).save_pretrained(out)
     for folder in (out, os.path.join(out, "conditioning")):  # the pipeline's and the component's code
         shutil.copy(PIPELINE, os.path.join(folder, "pipeline.py"))
     index_path = os.path.join(out, "model_index.json")
@@ -61,10 +81,22 @@ def export_run(run_dir: str, out: str, checkpoint: str | None = None) -> str:
     index["conditioning"] = ["pipeline", "ClassEmbedding"]
     with open(index_path, "w") as f:
         json.dump(index, f, indent=2)
-    cfg, _ = saved_config(run_dir)
-    with open(os.path.join(out, "README.md"), "w") as f:
-        f.write(model_card(os.path.basename(os.path.normpath(out)), model, privacy, cfg, run_dir))
-    return out
+
+
+def _stable_diffusion(model: object, unet: object, vae: object, out: str) -> None:
+    """A standard ``StableDiffusionPipeline`` folder: the base model's own text encoder and tokenizer, the run's
+    solver; no safety checker (none was part of the run)."""
+    from diffusers import StableDiffusionPipeline
+
+    from dpldm.modules.sampling import solver_scheduler
+
+    cond = model.conditioner
+    if model.noise_scheduler.config.steps_offset != 1:
+        print(f"note: StableDiffusionPipeline samples with steps_offset = 1; this run sampled with "
+              f"{model.noise_scheduler.config.steps_offset} (its timesteps differ by one)")
+    StableDiffusionPipeline(vae=vae, text_encoder=cond.text_model, tokenizer=cond.tokenizer, unet=unet,
+                            scheduler=solver_scheduler(model.noise_scheduler, model.solver), safety_checker=None,
+                            feature_extractor=None, requires_safety_checker=False).save_pretrained(out)
 
 
 def main(argv: list[str]) -> str:

@@ -9,6 +9,13 @@ import os
 
 from dpldm.runs import rebased
 
+SD_USAGE = """```python
+from diffusers import StableDiffusionPipeline
+
+pipe = StableDiffusionPipeline.from_pretrained("{folder}")
+images = pipe(["a photograph of a dog on a beach"], num_inference_steps={steps}).images
+```"""
+
 USAGE = """```python
 from diffusers import DiffusionPipeline
 
@@ -46,6 +53,10 @@ def base_models(cfg: dict, run_dir: str) -> list[str]:
     """One line per public part: where it came from (as configured) and, when it is on disk, its hash."""
     model = cfg["model"]["init_args"]
     parts = {"UNet": model.get("unet", {}), "autoencoder": model.get("autoencoder", {}).get("init_args", {}).get("vae", {})}
+    conditioner = model.get("conditioner", {})
+    if conditioner.get("class_path", "").endswith("CLIPTextEncoder"):  # the base pipeline's own text encoder
+        path = conditioner["init_args"]["path"]
+        parts["text encoder"] = {"init_args": {"path": path, "subfolder": "text_encoder"}}
     lines = []
     for name, part in parts.items():
         args = part.get("init_args", {})
@@ -96,7 +107,8 @@ def model_card(name: str, model: object, privacy: dict | None, cfg: dict, run_di
                 "Fine-tuned by dpldm following DP-LDM (Lyu, Liu, Vinaroz, Park; TMLR 2024): "
                 "a public latent diffusion model whose autoencoder stays frozen, trained with DP-SGD on private "
                 "images.", "", "## Privacy", "", "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows), ""]
-    classes = getattr(model.conditioner, "num_classes", 10)
-    body += ["## Public base model", "", *base_models(cfg, run_dir), "", "## Use", "",
-             USAGE.format(folder=name, classes=classes, steps=model.sampling_steps), "", CAVEATS, ""]
+    classes = getattr(model.conditioner, "num_classes", None)
+    usage = (USAGE.format(folder=name, classes=classes, steps=model.sampling_steps) if classes else
+             SD_USAGE.format(folder=name, steps=model.sampling_steps))
+    body += ["## Public base model", "", *base_models(cfg, run_dir), "", "## Use", "", usage, "", CAVEATS, ""]
     return "\n".join(front + body)
