@@ -141,4 +141,40 @@ def write_tiny_sd(folder, prediction_type: str = "epsilon"):
                             num_attention_heads=2, max_position_embeddings=77, bos_token_id=len(vocab) - 2,
                             eos_token_id=len(vocab) - 1, pad_token_id=len(vocab) - 1)
     CLIPTextModel(config).save_pretrained(folder / "text_encoder")
+    _write_index(folder, "StableDiffusionPipeline", unet=["diffusers", "UNet2DConditionModel"],
+                 vae=["diffusers", "AutoencoderKL"], scheduler=["diffusers", "DDPMScheduler"],
+                 text_encoder=["transformers", "CLIPTextModel"], tokenizer=["transformers", "CLIPTokenizer"])
+    return folder
+
+
+def _write_index(folder, name: str, **components: list[str]) -> None:
+    import json
+
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": name, "_diffusers_version": "0.42.1",
+                                                        **components}))
+
+
+def write_tiny_ldm_text(folder):
+    """A tiny folder in the layout of CompVis/ldm-text2im-large-256 (DP-LDM's text base model): ``unet/`` (cross-
+    attention width 16), ``vqvae/`` (an AutoencoderKL, f = 4), ``scheduler/``, ``bert/`` (a 1-layer LDMBert of
+    width 16) and ``tokenizer/`` (a BertTokenizer over a small word list)."""
+    from diffusers import DDPMScheduler
+    from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertConfig, LDMBertModel
+    from transformers import BertTokenizer
+
+    torch.manual_seed(0)
+    build_unet(sample_size=8, in_channels=4, block_out_channels=(16, 32), attention=(True, True),
+               attention_head_dim=8, cross_attention_dim=16, norm_num_groups=8).save_pretrained(folder / "unet")
+    build_autoencoder(in_channels=3, latent_channels=4, block_out_channels=(8, 16, 16),
+                      norm_num_groups=4).save_pretrained(folder / "vqvae")
+    DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                  clip_sample=False).save_pretrained(folder / "scheduler")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "item", "red", "square", "dog", "car",
+             *map(str, range(10))]
+    BertTokenizer(vocab={w: i for i, w in enumerate(words)}).save_pretrained(folder / "tokenizer")
+    LDMBertModel(LDMBertConfig(vocab_size=len(words), encoder_layers=1, encoder_ffn_dim=32, encoder_attention_heads=2,
+                               head_dim=8, d_model=16)).save_pretrained(folder / "bert")
+    _write_index(folder, "LDMTextToImagePipeline", unet=["diffusers", "UNet2DConditionModel"],
+                 vqvae=["diffusers", "AutoencoderKL"], scheduler=["diffusers", "DDPMScheduler"],
+                 bert=["latent_diffusion", "LDMBertModel"], tokenizer=["transformers", "BertTokenizer"])
     return folder

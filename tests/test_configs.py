@@ -103,17 +103,19 @@ def test_config_chain_instantiates(name, tmp_path, cifar_root, imagenet_root):
 
 
 def test_laion_configs_instantiate(tmp_path):
+    from tests.conftest import write_tiny_ldm_text
+
     tiny = instantiate("laion/tiny.yaml", f"{TEXT}.model_name", ARCH)
     check_data_compatible(tiny.model, tiny.datamodule)
-    # finetune.yaml with local copies of its public parts (tiny stand-ins in diffusers layout)
-    tiny.model.unet.save_pretrained(tmp_path / "ldm" / "unet")
-    tiny.model.autoencoder.vae.save_pretrained(tmp_path / "ldm" / "vqvae")
-    cli = instantiate("laion/finetune.yaml", UNET_PATH, str(tmp_path / "ldm"), AE_PATH, str(tmp_path / "ldm"),
-                      f"{TEXT}.model_name", ARCH, f"{TEXT}.pretrained", "null", f"{TEXT}.projection_dim", "16",
+    # finetune.yaml on a tiny stand-in of CompVis/ldm-text2im-large-256 (unet, vqvae, bert, tokenizer)
+    ldm = str(write_tiny_ldm_text(tmp_path / "ldm"))
+    cli = instantiate("laion/finetune.yaml", UNET_PATH, ldm, AE_PATH, ldm, f"{TEXT}.path", ldm,
                       "--data.init_args.source.init_args.image_size", "32")
     check_data_compatible(cli.model, cli.datamodule)
     assert cli.datamodule.flip_views and cli.model.privacy.epsilon == 10.0
-    assert cli.model.trained_modules[-1] is cli.model.conditioner.projection  # trained under DP
+    cond = cli.model.conditioner  # DP-LDM's text setting: the base model's LDMBert, frozen, nothing to train
+    assert type(cond.text_model).__name__ == "LDMBertModel" and cond.trainable_modules() == []
+    assert not any(p.requires_grad for p in cond.parameters())
 
 
 def test_laion_finetune_offline_names_the_key_for_a_local_copy():
@@ -199,7 +201,7 @@ def test_the_stable_diffusion_recipe_takes_a_dp_step_with_its_own_text_encoder(t
         "--trainer.max_epochs=null", "--trainer.max_steps=2", "--trainer.precision=32-true", "--trainer.callbacks=[]",
         "--model.init_args.privacy.init_args.max_physical_batch_size=4", "--model.init_args.sampling_steps=2"])
     model = cli.model
-    assert type(model.conditioner).__name__ == "CLIPTextEncoder" and model.latent_shape == (4, 4, 4)
+    assert type(model.conditioner).__name__ == "PipelineTextEncoder" and model.latent_shape == (4, 4, 4)
     assert model.noise_scheduler.config.prediction_type == "v_prediction"
     assert model.dp is not None and model.dp.accountant.steps == 2
     ref = CLIPTextModel.from_pretrained(sd, subfolder="text_encoder").state_dict()

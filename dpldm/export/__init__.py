@@ -33,7 +33,7 @@ def export_run(run_dir: str, out: str, checkpoint: str | None = None) -> str:
         ``out``.
     """
     from dpldm.export.card import model_card
-    from dpldm.modules.clip_text import CLIPTextEncoder
+    from dpldm.modules.pipeline_text import PipelineTextEncoder
     from dpldm.modules.conditioning import ClassEmbedder
     from dpldm.privacy.scope import merged_unet
     from dpldm.runs import load_run_and_data, saved_config
@@ -42,12 +42,13 @@ def export_run(run_dir: str, out: str, checkpoint: str | None = None) -> str:
     cond = model.conditioner
     if isinstance(cond, ClassEmbedder):
         write = _class_conditional
-    elif isinstance(cond, CLIPTextEncoder) and cond.projection is None:
+    elif (isinstance(cond, PipelineTextEncoder) and cond.projection is None
+          and type(cond.text_model).__name__ == "CLIPTextModel"):
         write = _stable_diffusion
     else:
         raise ConfigError("model.init_args.conditioner", type(cond).__name__,
                           "dpldm export writes class-conditional models (ClassEmbedder) and Stable Diffusion ones "
-                          "(CLIPTextEncoder without a projection) so far")
+                          "(PipelineTextEncoder of a CLIPTextModel, no projection) so far")
     privacy = torch.load(path, map_location="cpu", weights_only=False).get("privacy")
     with model.ema_weights():  # the weights the run samples with
         unet = merged_unet(model.unet)

@@ -54,9 +54,10 @@ def base_models(cfg: dict, run_dir: str) -> list[str]:
     model = cfg["model"]["init_args"]
     parts = {"UNet": model.get("unet", {}), "autoencoder": model.get("autoencoder", {}).get("init_args", {}).get("vae", {})}
     conditioner = model.get("conditioner", {})
-    if conditioner.get("class_path", "").endswith("CLIPTextEncoder"):  # the base pipeline's own text encoder
-        path = conditioner["init_args"]["path"]
-        parts["text encoder"] = {"init_args": {"path": path, "subfolder": "text_encoder"}}
+    if conditioner.get("class_path", "").endswith("PipelineTextEncoder"):  # the base pipeline's own text encoder
+        args = conditioner["init_args"]
+        parts["text encoder"] = {"init_args": {"path": args["path"],
+                                               "subfolder": args.get("text_encoder") or "text_encoder"}}
     lines = []
     for name, part in parts.items():
         args = part.get("init_args", {})

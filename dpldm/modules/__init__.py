@@ -2,14 +2,14 @@
 
 from dpldm.modules.autoencoder import FrozenAutoencoder, build_autoencoder, load_autoencoder
 from dpldm.modules.autoencoder_module import AutoencoderTraining
-from dpldm.modules.clip_text import CLIPTextEncoder
 from dpldm.modules.conditioning import ClassEmbedder, Conditioner, OpenCLIPTextEncoder
 from dpldm.modules.diffusion import LatentDiffusion
 from dpldm.modules.loss import MinSNRWeighting, UniformTimesteps, UnitWeighting
+from dpldm.modules.pipeline_text import PipelineTextEncoder
 from dpldm.modules.unet import build_unet, load_unet
 
 __all__ = [
-    "AutoencoderTraining", "CLIPTextEncoder", "ClassEmbedder", "Conditioner", "FrozenAutoencoder", "LatentDiffusion",
-    "MinSNRWeighting", "OpenCLIPTextEncoder", "UniformTimesteps", "UnitWeighting", "build_autoencoder",
-    "build_unet", "load_autoencoder", "load_unet",
+    "AutoencoderTraining", "ClassEmbedder", "Conditioner", "FrozenAutoencoder", "LatentDiffusion",
+    "MinSNRWeighting", "OpenCLIPTextEncoder", "PipelineTextEncoder", "UniformTimesteps", "UnitWeighting",
+    "build_autoencoder", "build_unet", "load_autoencoder", "load_unet",
 ]
