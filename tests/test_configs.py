@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from dpldm.cli import DPLDMCLI
 from dpldm.modules.diffusion import check_data_compatible
@@ -179,50 +178,3 @@ def test_the_benchmark_recipe_takes_a_dp_step_on_its_configs(tmp_path):
                          "--trainer.logger", "false"])
     assert cli.model.dp.accountant.steps == 1 and cli.model.dp.plan.delta == 1e-5
     assert cli.model.ema is not None and cli.model.solver == "dpm_solver++"
-
-
-def test_the_stable_diffusion_recipe_takes_a_dp_step_with_its_own_text_encoder(tmp_path):
-    """configs/sd/finetune.yaml on a tiny SD-layout pipeline (v-prediction scheduler) and 6 written records: the
-    base model's CLIPTextModel is the conditioner, frozen and bit-identical after DP steps; the schedule and its
-    prediction type are the base pipeline's; training runs at latent_size, not the UNet's sample_size."""
-    from transformers import CLIPTextModel
-
-    from tests.conftest import write_tiny_sd
-    from tests.shards import write_shards
-
-    sd = str(write_tiny_sd(tmp_path / "sd", prediction_type="v_prediction"))
-    write_shards(tmp_path / "shards", num_shards=1, per_shard=6)
-    src = "--data.init_args.source.init_args"
-    cli = DPLDMCLI(args=[
-        "fit", "--config", str(CONFIGS / "sd" / "finetune.yaml"), UNET_PATH, sd, AE_PATH, sd, f"{TEXT}.path", sd,
-        "--model.init_args.latent_size=4", f"{src}.image_size=16", f"{src}.train_shards={tmp_path}/shards/shard-00000.tar",
-        f"{src}.num_workers=0", "--data.init_args.num_workers=0", "--data.init_args.batch_size=4",
-        f"--data.init_args.cache_dir={tmp_path / 'cache'}", f"--trainer.default_root_dir={tmp_path / 'run'}",
-        "--trainer.max_epochs=null", "--trainer.max_steps=2", "--trainer.precision=32-true", "--trainer.callbacks=[]",
-        "--model.init_args.privacy.init_args.max_physical_batch_size=4", "--model.init_args.sampling_steps=2"])
-    model = cli.model
-    assert type(model.conditioner).__name__ == "PipelineTextEncoder" and model.latent_shape == (4, 4, 4)
-    assert model.noise_scheduler.config.prediction_type == "v_prediction"
-    assert model.dp is not None and model.dp.accountant.steps == 2
-    ref = CLIPTextModel.from_pretrained(sd, subfolder="text_encoder").state_dict()
-    for k, v in model.conditioner.text_model.state_dict().items():
-        assert torch.equal(v, ref[k]), k
-    assert not any(p.requires_grad for p in model.conditioner.parameters())
-
-    # exported as a standard StableDiffusionPipeline: the same images as the run's sampler for a seed
-    from diffusers import StableDiffusionPipeline
-
-    from dpldm.cli import main
-    from dpldm.runs import load_run
-
-    main(["export", str(tmp_path / "run"), str(tmp_path / "exported")])
-    run = load_run(str(tmp_path / "run"))
-    prompts = ["a photo of item 1", "a red square"]
-    want = run.sample(prompts, num_steps=2, generator=torch.Generator().manual_seed(3))  # [B, 3, 16, 16]
-    pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "exported"))
-    got = pipe(prompts, num_inference_steps=2, guidance_scale=run.guidance_scale, output_type="pt",
-               generator=torch.Generator().manual_seed(3)).images  # [B, 3, 16, 16] in [0, 1]
-    assert got.shape == (2, 3, 16, 16)
-    torch.testing.assert_close(got, (want + 1) / 2, atol=1e-4, rtol=0)
-    card = (tmp_path / "exported" / "README.md").read_text()
-    assert "StableDiffusionPipeline.from_pretrained" in card and "text encoder" in card

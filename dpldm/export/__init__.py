@@ -1,7 +1,7 @@
 """``dpldm export RUN OUT``: a finished run as a self-contained diffusers pipeline folder with a model card.
 
-A run on a Stable Diffusion base with its own CLIP text encoder exports as a standard ``StableDiffusionPipeline``
-folder (``text_encoder/``, ``tokenizer/``, ``unet/``, ``vae/``, ``scheduler/``). A class-conditional run's OUT
+A run on a base pipeline's own text encoder exports as that standard pipeline: a ``StableDiffusionPipeline``
+(CLIP) or an ``LDMTextToImagePipeline`` (CompVis' LDMBert), loadable without custom code. A class-conditional run's OUT
 holds ``model_index.json``, ``unet/`` (EMA weights when kept; LoRA adapters merged), ``vae/`` (its latent
 scale factor the run's), ``scheduler/`` (the run's solver on its training schedule), ``conditioning/`` (the
 class embedding), ``pipeline.py`` (:mod:`dpldm.export.pipeline`: torch and diffusers only) and ``README.md``
@@ -26,8 +26,8 @@ PIPELINE = os.path.join(os.path.dirname(__file__), "pipeline.py")
 
 def export_run(run_dir: str, out: str, checkpoint: str | None = None) -> str:
     """Write the run's model (its newest checkpoint, or ``checkpoint``) to the pipeline folder ``out``: a
-    ``StableDiffusionPipeline`` for a run on a pipeline's own CLIP text encoder (no projection), dpldm's
-    class-conditional pipeline for a class embedder.
+    standard text-to-image pipeline for a run on a base pipeline's own text encoder (:func:`_text_to_image`),
+    dpldm's class-conditional pipeline for a class embedder.
 
     Returns:
         ``out``.
@@ -42,13 +42,13 @@ def export_run(run_dir: str, out: str, checkpoint: str | None = None) -> str:
     cond = model.conditioner
     if isinstance(cond, ClassEmbedder):
         write = _class_conditional
-    elif (isinstance(cond, PipelineTextEncoder) and cond.projection is None
-          and type(cond.text_model).__name__ == "CLIPTextModel"):
-        write = _stable_diffusion
+    elif isinstance(cond, PipelineTextEncoder) and cond.projection is None and type(cond.text_model).__name__ in (
+            "CLIPTextModel", "LDMBertModel"):
+        write = _text_to_image
     else:
         raise ConfigError("model.init_args.conditioner", type(cond).__name__,
-                          "dpldm export writes class-conditional models (ClassEmbedder) and Stable Diffusion ones "
-                          "(PipelineTextEncoder of a CLIPTextModel, no projection) so far")
+                          "dpldm export writes class-conditional models (ClassEmbedder) and runs on a base "
+                          "pipeline's own CLIPTextModel or LDMBert (PipelineTextEncoder, no projection) so far")
     privacy = torch.load(path, map_location="cpu", weights_only=False).get("privacy")
     with model.ema_weights():  # the weights the run samples with
         unet = merged_unet(model.unet)
@@ -84,20 +84,25 @@ def _class_conditional(model: object, unet: object, vae: object, out: str) -> No
         json.dump(index, f, indent=2)
 
 
-def _stable_diffusion(model: object, unet: object, vae: object, out: str) -> None:
-    """A standard ``StableDiffusionPipeline`` folder: the base model's own text encoder and tokenizer, the run's
-    solver; no safety checker (none was part of the run)."""
-    from diffusers import StableDiffusionPipeline
+def _text_to_image(model: object, unet: object, vae: object, out: str) -> None:
+    """The base model's standard pipeline class with its own text encoder and tokenizer and the run's solver:
+    ``StableDiffusionPipeline`` (CLIP; no safety checker: none was part of the run) or ``LDMTextToImagePipeline``
+    (CompVis' LDMBert)."""
+    from diffusers import LDMTextToImagePipeline, StableDiffusionPipeline
 
     from dpldm.modules.sampling import solver_scheduler
 
-    cond = model.conditioner
+    cond, scheduler = model.conditioner, solver_scheduler(model.noise_scheduler, model.solver)
+    if type(cond.text_model).__name__ == "LDMBertModel":
+        LDMTextToImagePipeline(vqvae=vae, bert=cond.text_model, tokenizer=cond.tokenizer, unet=unet,
+                               scheduler=scheduler).save_pretrained(out)
+        return
     if model.noise_scheduler.config.steps_offset != 1:
         print(f"note: StableDiffusionPipeline samples with steps_offset = 1; this run sampled with "
               f"{model.noise_scheduler.config.steps_offset} (its timesteps differ by one)")
     StableDiffusionPipeline(vae=vae, text_encoder=cond.text_model, tokenizer=cond.tokenizer, unet=unet,
-                            scheduler=solver_scheduler(model.noise_scheduler, model.solver), safety_checker=None,
-                            feature_extractor=None, requires_safety_checker=False).save_pretrained(out)
+                            scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(out)
 
 
 def main(argv: list[str]) -> str:

@@ -9,10 +9,10 @@ import os
 
 from dpldm.runs import rebased
 
-SD_USAGE = """```python
-from diffusers import StableDiffusionPipeline
+TEXT_USAGE = """```python
+from diffusers import {pipeline}
 
-pipe = StableDiffusionPipeline.from_pretrained("{folder}")
+pipe = {pipeline}.from_pretrained("{folder}")
 images = pipe(["a photograph of a dog on a beach"], num_inference_steps={steps}).images
 ```"""
 
@@ -109,7 +109,9 @@ def model_card(name: str, model: object, privacy: dict | None, cfg: dict, run_di
                 "a public latent diffusion model whose autoencoder stays frozen, trained with DP-SGD on private "
                 "images.", "", "## Privacy", "", "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows), ""]
     classes = getattr(model.conditioner, "num_classes", None)
+    pipeline = "LDMTextToImagePipeline" if type(getattr(model.conditioner, "text_model", None)).__name__ == (
+        "LDMBertModel") else "StableDiffusionPipeline"
     usage = (USAGE.format(folder=name, classes=classes, steps=model.sampling_steps) if classes else
-             SD_USAGE.format(folder=name, steps=model.sampling_steps))
+             TEXT_USAGE.format(folder=name, steps=model.sampling_steps, pipeline=pipeline))
     body += ["## Public base model", "", *base_models(cfg, run_dir), "", "## Use", "", usage, "", CAVEATS, ""]
     return "\n".join(front + body)
