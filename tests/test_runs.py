@@ -103,7 +103,8 @@ def test_export_loads_with_diffusers_alone_and_samples_as_the_run_does(project, 
 
     run = project / "runs" / "quickstart" / "finetune"
     out = tmp_path / "my-dp-model"
-    main(["export", str(run), str(out)])
+    with pytest.raises(SystemExit, match="upload it later with `hf upload me/model"):  # offline: the export stays
+        main(["export", str(run), str(out), "--push-to-hub", "me/model"])
     model = load_run(str(run))
     ckpt = torch.load(sorted(run.glob("checkpoints/*.ckpt"))[-1], map_location="cpu", weights_only=False)
     labels = [0, 3, 9]

@@ -110,8 +110,26 @@ def main(argv: list[str]) -> str:
     p.add_argument("run", help="the run directory (trainer.default_root_dir), e.g. runs/quickstart/finetune")
     p.add_argument("out", help="the pipeline folder to write")
     p.add_argument("--ckpt", help="checkpoint file (default: the run's newest)")
+    p.add_argument("--push-to-hub", metavar="REPO", help="also upload OUT to this Hugging Face repo (needs a token)")
+    p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     args = p.parse_args(argv)
     out = export_run(args.run, args.out, args.ckpt)
-    print(f"exported {args.run} -> {out}/ (README.md: its privacy card)\n"
-          f"load it: DiffusionPipeline.from_pretrained({out!r}, trust_remote_code=True)")
+    print(f"exported {args.run} -> {out}/ (README.md: its privacy card)")
+    if args.push_to_hub:
+        push(out, args.push_to_hub, args.private)
     return out
+
+
+def push(folder: str, repo: str, private: bool = False) -> str:
+    """Upload an exported folder (its model card included) to the Hugging Face Hub repo ``repo``."""
+    from huggingface_hub import HfApi
+
+    try:
+        api = HfApi()
+        api.create_repo(repo, private=private, exist_ok=True)
+        url = api.upload_folder(folder_path=folder, repo_id=repo, commit_message="dpldm export")
+    except Exception as err:  # offline (HF_HUB_OFFLINE=1), no token, no permission
+        raise SystemExit(f"--push-to-hub {repo}: the upload failed ({type(err).__name__}: {err}). The export is "
+                         f"complete in {folder}/; upload it later with `hf upload {repo} {folder}`.") from err
+    print(f"pushed {folder}/ -> {url}")
+    return str(url)
