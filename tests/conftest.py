@@ -154,9 +154,9 @@ def _write_index(folder, name: str, **components: list[str]) -> None:
                                                         **components}))
 
 
-def write_tiny_ldm_text(folder):
+def write_tiny_ldm_text(folder, vq: bool = False):
     """A tiny folder in the layout of CompVis/ldm-text2im-large-256 (DP-LDM's text base model): ``unet/`` (cross-
-    attention width 16), ``vqvae/`` (an AutoencoderKL, f = 4), ``scheduler/``, ``bert/`` (a 1-layer LDMBert of
+    attention width 16), ``vqvae/`` (an AutoencoderKL, f = 4, as that model has; ``vq``: a VQModel), ``scheduler/``, ``bert/`` (a 1-layer LDMBert of
     width 16) and ``tokenizer/`` (a BertTokenizer over a small word list)."""
     from diffusers import DDPMScheduler
     from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertConfig, LDMBertModel
@@ -165,8 +165,15 @@ def write_tiny_ldm_text(folder):
     torch.manual_seed(0)
     build_unet(sample_size=8, in_channels=4, block_out_channels=(16, 32), attention=(True, True),
                attention_head_dim=8, cross_attention_dim=16, norm_num_groups=8).save_pretrained(folder / "unet")
-    build_autoencoder(in_channels=3, latent_channels=4, block_out_channels=(8, 16, 16),
-                      norm_num_groups=4).save_pretrained(folder / "vqvae")
+    if vq:  # a VQ-regularised autoencoder, as CompVis' other LDMs use
+        from diffusers import VQModel
+
+        VQModel(in_channels=3, out_channels=3, block_out_channels=(8, 16, 16), latent_channels=4,
+                down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                num_vq_embeddings=64, norm_num_groups=4).save_pretrained(folder / "vqvae")
+    else:
+        build_autoencoder(in_channels=3, latent_channels=4, block_out_channels=(8, 16, 16),
+                          norm_num_groups=4).save_pretrained(folder / "vqvae")
     DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                   clip_sample=False).save_pretrained(folder / "scheduler")
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "photo", "of", "item", "red", "square", "dog", "car",
@@ -175,6 +182,6 @@ def write_tiny_ldm_text(folder):
     LDMBertModel(LDMBertConfig(vocab_size=len(words), encoder_layers=1, encoder_ffn_dim=32, encoder_attention_heads=2,
                                head_dim=8, d_model=16)).save_pretrained(folder / "bert")
     _write_index(folder, "LDMTextToImagePipeline", unet=["diffusers", "UNet2DConditionModel"],
-                 vqvae=["diffusers", "AutoencoderKL"], scheduler=["diffusers", "DDPMScheduler"],
+                 vqvae=["diffusers", "VQModel" if vq else "AutoencoderKL"], scheduler=["diffusers", "DDPMScheduler"],
                  bert=["latent_diffusion", "LDMBertModel"], tokenizer=["transformers", "BertTokenizer"])
     return folder

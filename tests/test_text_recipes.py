@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from dpldm.cli import DPLDMCLI, main
@@ -63,13 +64,16 @@ def test_stable_diffusion_keeps_its_clip_and_exports_as_a_stable_diffusion_pipel
     assert "StableDiffusionPipeline.from_pretrained" in card and "text encoder" in card
 
 
-def test_dp_ldm_text_setting_keeps_ldm_bert_and_exports_as_an_ldm_text_to_image_pipeline(tmp_path):
-    """configs/laion/finetune.yaml (DP-LDM's text setting) on a tiny CompVis/ldm-text2im-large-256 layout."""
+@pytest.mark.parametrize("vq", [False, True])
+def test_dp_ldm_text_setting_keeps_ldm_bert_and_exports_as_an_ldm_text_to_image_pipeline(tmp_path, vq):
+    """configs/laion/finetune.yaml (DP-LDM's text setting) on a tiny CompVis/ldm-text2im-large-256 layout, with
+    its KL autoencoder or a VQ one (cached encodings [c, h, w], quantised when decoded)."""
     from diffusers import LDMTextToImagePipeline
     from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertModel
 
-    ldm = str(write_tiny_ldm_text(tmp_path / "ldm"))
+    ldm = str(write_tiny_ldm_text(tmp_path / "ldm", vq=vq))
     model = dp_fit("laion/finetune.yaml", ldm, tmp_path, f"{SRC}.image_size=32", f"{SRC}.val_shards=null").model
+    assert model.autoencoder.quantised == vq
     check_frozen_text_encoder(model, LDMBertModel.from_pretrained(ldm, subfolder="bert"))
 
     main(["export", str(tmp_path / "run"), str(tmp_path / "exported")])

@@ -1,15 +1,17 @@
 """The autoencoder of latent diffusion (Rombach et al., 2022), frozen during diffusion training.
 
 Two builders give a diffusers ``AutoencoderKL``: :func:`build_autoencoder` (fresh, from a small typed
-config, for public stage-1 training) and :func:`load_autoencoder` (``from_pretrained``). Either is
-wrapped by :class:`FrozenAutoencoder`, which the diffusion model uses: no gradients, always in eval
+config, for public stage-1 training) and :func:`load_autoencoder` (``from_pretrained``; also a ``VQModel``,
+VQ-regularised as in CompVis' LDMs: its latents are the pre-quantisation encodings, quantised by the decoder).
+Either is wrapped by :class:`FrozenAutoencoder`, which the diffusion model uses: no gradients, always in eval
 mode, latents scaled by a factor that comes from the public model's config, never from private data.
 """
 
 from __future__ import annotations
 
 import torch
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, VQModel
+from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import Tensor, nn
 
@@ -49,8 +51,9 @@ def build_autoencoder(
 
 
 def load_autoencoder(path: str, subfolder: str | None = None, weights: bool = True, revision: str | None = None,
-                     variant: str | None = None, torch_dtype: str | None = None) -> AutoencoderKL:
-    """A pretrained ``AutoencoderKL`` from a local diffusers directory or a hub id, loaded strictly.
+                     variant: str | None = None, torch_dtype: str | None = None) -> ModelMixin:
+    """A pretrained ``AutoencoderKL`` or ``VQModel`` (as its config names it; CompVis LDMs use VQ) from a local
+    diffusers directory or a hub id, loaded strictly.
 
     Args:
         path: directory (e.g. ``runs/quickstart/autoencoder/pretrained``) or hub id
@@ -62,25 +65,25 @@ def load_autoencoder(path: str, subfolder: str | None = None, weights: bool = Tr
         torch_dtype: ``float32``, ``float16`` or ``bfloat16`` (default: as stored).
     """
     key = "model.init_args.autoencoder.init_args.vae.init_args.path"
+    config = load_pretrained(AutoencoderKL.load_config, path, key, "autoencoder config", subfolder or None, revision)
+    cls = VQModel if config.get("_class_name") == "VQModel" else AutoencoderKL  # what the folder says it holds
     if not weights:
-        config = load_pretrained(AutoencoderKL.load_config, path, key, "autoencoder config", subfolder or None,
-                                 revision)
-        return AutoencoderKL.from_config(config)
+        return cls.from_config(config)
     dtype = dtype_of(torch_dtype, "model.init_args.autoencoder.init_args.vae.init_args.torch_dtype")
-    return load_pretrained(AutoencoderKL.from_pretrained, path, key, "autoencoder", subfolder, revision, variant,
-                           dtype)
+    return load_pretrained(cls.from_pretrained, path, key, "autoencoder", subfolder, revision, variant, dtype)
 
 
 class FrozenAutoencoder(nn.Module):
     """A public autoencoder that diffusion training never changes.
 
     Args:
-        vae: the autoencoder (from :func:`load_autoencoder` or :func:`build_autoencoder`).
+        vae: the autoencoder, an ``AutoencoderKL`` or a ``VQModel`` (from :func:`load_autoencoder` or
+            :func:`build_autoencoder`; typed by their common base so that a config may name either).
         scale_factor: latent scale; ``None`` takes ``vae.config.scaling_factor`` (public).
         sample_posterior: encode to a sample of q(z|x) rather than its mean.
     """
 
-    def __init__(self, vae: AutoencoderKL, scale_factor: float | None = None, sample_posterior: bool = False):
+    def __init__(self, vae: ModelMixin, scale_factor: float | None = None, sample_posterior: bool = False):
         super().__init__()
         self.vae = vae.requires_grad_(False).eval()
         self.scale_factor = float(vae.config.scaling_factor if scale_factor is None else scale_factor)
@@ -103,16 +106,26 @@ class FrozenAutoencoder(nn.Module):
     def in_channels(self) -> int:
         return self.vae.config.in_channels
 
+    @property
+    def quantised(self) -> bool:
+        """A VQ autoencoder: deterministic encodings, quantised in the decoder (no posterior to sample)."""
+        return isinstance(self.vae, VQModel)
+
     @torch.no_grad()
     def moments(self, images: Tensor) -> Tensor:
         """images [B, C, H, W] in [-1, 1] -> posterior moments [B, 2c, H/f, W/f]: (mean, log-variance),
-        unscaled. This is what a latent cache stores: the scale factor and the choice between sample
-        and mean stay with the model."""
+        unscaled; for a VQ autoencoder its pre-quantisation encodings [B, c, H/f, W/f]. This is what a latent
+        cache stores: the scale factor and the choice between sample and mean stay with the model."""
+        if self.quantised:
+            return self.vae.encode(images).latents
         return self.vae.encode(images).latent_dist.parameters
 
     @torch.no_grad()
     def from_moments(self, moments: Tensor) -> Tensor:
-        """posterior moments [B, 2c, h, w] -> scaled latents [B, c, h, w] (a sample of q(z|x) or its mean)."""
+        """posterior moments [B, 2c, h, w] -> scaled latents [B, c, h, w] (a sample of q(z|x) or its mean);
+        VQ encodings [B, c, h, w] -> scaled, as they are."""
+        if self.quantised:
+            return moments * self.scale_factor
         posterior = DiagonalGaussianDistribution(moments)
         z = posterior.sample() if self.sample_posterior else posterior.mode()
         return z * self.scale_factor
