@@ -1,3 +1,4 @@
+import pytest
 import torch
 from diffusers import DDPMScheduler
 
@@ -28,8 +29,12 @@ def test_per_example_loss_is_mean_over_k_draws():
     torch.testing.assert_close(loss, ref)
 
 
-def test_v_prediction_target():
-    sched = DDPMScheduler(prediction_type="v_prediction")
+@pytest.mark.parametrize("kind, target", [
+    ("v_prediction", lambda sched, z0, noise, t: sched.get_velocity(z0, noise, t)),  # v = alpha_t eps - sigma_t z0
+    ("sample", lambda sched, z0, noise, t: z0),
+])
+def test_v_and_sample_prediction_targets(kind, target):
+    sched = DDPMScheduler(prediction_type=kind)
     z0 = torch.randn(2, 1, 2, 2)
     torch.manual_seed(1)
     loss = denoising_loss(Echo(), z0, torch.zeros(2, 1, 1), sched, UniformTimesteps(), UnitWeighting())
@@ -37,8 +42,7 @@ def test_v_prediction_target():
     t = torch.randint(0, 1000, (2,))
     noise = torch.randn(2, 1, 2, 2)
     zt = sched.add_noise(z0, noise, t)
-    ref = (zt - sched.get_velocity(z0, noise, t)).pow(2).flatten(1).mean(1)
-    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(loss, (zt - target(sched, z0, noise, t)).pow(2).flatten(1).mean(1))
 
 
 def test_min_snr_weighting_caps_low_noise_steps():
@@ -50,15 +54,8 @@ def test_min_snr_weighting_caps_low_noise_steps():
     assert torch.isclose(w[1], torch.tensor(1.0))  # low SNR: weight 1
 
 
-def test_sample_prediction_target_is_z0():
+def test_min_snr_weighting_of_z0_targets_is_the_capped_snr():
     sched = DDPMScheduler(prediction_type="sample")
-    z0 = torch.randn(2, 1, 2, 2)
-    torch.manual_seed(2)
-    loss = denoising_loss(Echo(), z0, torch.zeros(2, 1, 1), sched, UniformTimesteps(), UnitWeighting())
-    torch.manual_seed(2)
-    t = torch.randint(0, 1000, (2,))
-    zt = sched.add_noise(z0, torch.randn(2, 1, 2, 2), t)
-    torch.testing.assert_close(loss, (zt - z0).pow(2).flatten(1).mean(1))
-    w = MinSNRWeighting(gamma=5.0)(torch.tensor([0, 999]), sched)  # min(SNR, gamma) for z_0 targets
+    w = MinSNRWeighting(gamma=5.0)(torch.tensor([0, 999]), sched)
     alpha_bar = sched.alphas_cumprod[[0, 999]]
     torch.testing.assert_close(w, (alpha_bar / (1 - alpha_bar)).clamp(max=5.0))
