@@ -103,8 +103,8 @@ def saved_config(run_dir: str) -> tuple[dict, str]:
 
 
 def rebased(value: object, run_dir: str) -> object:
-    """``value`` (a path, or a part of the run's config) with its relative paths found from the run's launch
-    folder when they are missing from the current one."""
+    """``value`` (a path, or a dict or list of them) with its relative paths found from the run's launch folder
+    when they are missing from the current one (reads the run's config once per call)."""
     cfg, config_dir = saved_config(run_dir)
     return _rebased(value, _launch_dirs(cfg, run_dir, config_dir))
 

@@ -52,12 +52,14 @@ def _weights_hash(path: str, subfolder: str | None) -> str | None:
 def base_models(cfg: dict, run_dir: str) -> list[str]:
     """One line per public part: where it came from (as configured) and, when it is on disk, its hash."""
     model = cfg["model"]["init_args"]
-    parts = {"UNet": model.get("unet", {}), "autoencoder": model.get("autoencoder", {}).get("init_args", {}).get("vae", {})}
+    parts = {"UNet": model.get("unet", {}),
+             "autoencoder": model.get("autoencoder", {}).get("init_args", {}).get("vae", {})}
     conditioner = model.get("conditioner", {})
     if conditioner.get("class_path", "").endswith("PipelineTextEncoder"):  # the base pipeline's own text encoder
         args = conditioner["init_args"]
         parts["text encoder"] = {"init_args": {"path": args["path"],
                                                "subfolder": args.get("text_encoder") or "text_encoder"}}
+    found_paths = rebased({name: part.get("init_args", {}).get("path") for name, part in parts.items()}, run_dir)
     lines = []
     for name, part in parts.items():
         args = part.get("init_args", {})
@@ -66,7 +68,7 @@ def base_models(cfg: dict, run_dir: str) -> list[str]:
             lines.append(f"- {name}: built from its config ({part.get('class_path', '?')}), random initial weights")
             continue
         where = f"`{path}`" + (f" (subfolder `{subfolder}`)" if subfolder else "")
-        found = rebased(path, run_dir)
+        found = found_paths[name]
         digest = _weights_hash(found, subfolder) if os.path.isdir(found) else None
         start = "" if args.get("weights", True) else "; architecture only, random initial weights"
         lines.append(f"- {name}: {where}" + (f", weights sha256 {digest}…" if digest else "") + start)
