@@ -36,9 +36,13 @@ CAVEATS = """## What the guarantee does not cover
 
 
 def _weights_hash(path: str, subfolder: str | None) -> str | None:
-    """sha256 (first 16 hex digits) of a local diffusers model's weight files, or None for a hub id."""
-    folder = os.path.join(path, subfolder or "")
-    files = sorted(f for ext in ("safetensors", "bin") for f in glob.glob(os.path.join(folder, f"*.{ext}")))
+    """sha256 (first 16 hex digits) of a local diffusers model's weight files, or of a checkpoint file (CompVis
+    layout), or None for a hub id."""
+    if os.path.isfile(path):
+        files = [path]
+    else:
+        folder = os.path.join(path, subfolder or "")
+        files = sorted(f for ext in ("safetensors", "bin") for f in glob.glob(os.path.join(folder, f"*.{ext}")))
     if not files:
         return None
     digest = hashlib.sha256()
@@ -67,9 +71,11 @@ def base_models(cfg: dict, run_dir: str) -> list[str]:
         if path is None:
             lines.append(f"- {name}: built from its config ({part.get('class_path', '?')}), random initial weights")
             continue
-        where = f"`{path}`" + (f" (subfolder `{subfolder}`)" if subfolder else "")
         found = found_paths[name]
-        digest = _weights_hash(found, subfolder) if os.path.isdir(found) else None
+        single = os.path.isfile(found)  # a CompVis-layout checkpoint: its YAML, not a subfolder
+        where = f"`{path}`" + (f" (YAML `{args.get('original_config')}`)" if single else
+                               f" (subfolder `{subfolder}`)" if subfolder else "")
+        digest = _weights_hash(found, subfolder) if os.path.exists(found) else None
         start = "" if args.get("weights", True) else "; architecture only, random initial weights"
         lines.append(f"- {name}: {where}" + (f", weights sha256 {digest}…" if digest else "") + start)
     return lines

@@ -16,6 +16,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import Tensor, nn
 
 from dpldm.modules.hub import dtype_of, load_pretrained
+from dpldm.modules.original import is_original_file, original_autoencoder, read_original
 
 
 def build_autoencoder(
@@ -51,25 +52,30 @@ def build_autoencoder(
 
 
 def load_autoencoder(path: str, subfolder: str | None = None, weights: bool = True, revision: str | None = None,
-                     variant: str | None = None, torch_dtype: str | None = None) -> ModelMixin:
+                     variant: str | None = None, torch_dtype: str | None = None,
+                     original_config: str | None = None) -> ModelMixin:
     """A pretrained ``AutoencoderKL`` or ``VQModel`` (as its config names it; CompVis LDMs use VQ) from a local
-    diffusers directory or a hub id, loaded strictly.
+    diffusers directory, a hub id or a CompVis-layout checkpoint file (``first_stage_model.*``), loaded strictly.
 
     Args:
-        path: directory (e.g. ``runs/quickstart/autoencoder/pretrained``) or hub id
-            (e.g. ``stabilityai/sd-vae-ft-mse``).
+        path: directory (e.g. ``runs/quickstart/autoencoder/pretrained``), hub id
+            (e.g. ``stabilityai/sd-vae-ft-mse``), or a CompVis / Stable Diffusion checkpoint file.
         subfolder: subfolder inside ``path`` (``vae`` for a Stable Diffusion pipeline repo).
         weights: ``False``: the architecture alone, randomly initialised (a run reloaded from its checkpoint).
         revision: hub branch, tag or commit.
         variant: weights variant (e.g. ``fp16``).
         torch_dtype: ``float32``, ``float16`` or ``bfloat16`` (default: as stored).
+        original_config: for a checkpoint file, the YAML that built it (:mod:`dpldm.modules.original`).
     """
     key = "model.init_args.autoencoder.init_args.vae.init_args.path"
+    dtype = dtype_of(torch_dtype, "model.init_args.autoencoder.init_args.vae.init_args.torch_dtype")
+    if is_original_file(path):
+        vae = original_autoencoder(read_original(path, original_config, key), weights)
+        return vae.to(dtype) if dtype is not None else vae
     config = load_pretrained(AutoencoderKL.load_config, path, key, "autoencoder config", subfolder or None, revision)
     cls = VQModel if config.get("_class_name") == "VQModel" else AutoencoderKL  # what the folder says it holds
     if not weights:
         return cls.from_config(config)
-    dtype = dtype_of(torch_dtype, "model.init_args.autoencoder.init_args.vae.init_args.torch_dtype")
     return load_pretrained(cls.from_pretrained, path, key, "autoencoder", subfolder, revision, variant, dtype)
 
 

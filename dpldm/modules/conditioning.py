@@ -62,8 +62,9 @@ class ClassEmbedder(Conditioner):
         num_classes: number of real classes.
         embed_dim: token width D (= the UNet's ``cross_attention_dim``).
         num_tokens: tokens per class T.
-        init_from: a *public* embedder's weights (``conditioner.pt`` of a stage-2 export, or its folder) to
-            start from: public knowledge, no privacy cost.
+        init_from: a *public* embedder's weights (``conditioner.pt`` of a stage-2 export, or its folder; or a
+            CompVis-layout checkpoint with a ``ClassEmbedder``, whose null class starts as the mean of its classes)
+            to start from: public knowledge, no privacy cost.
         init_classes: for each class here, the public class whose embedding it starts from (default: the
             same index); the null class starts from the public null class.
     """
@@ -83,7 +84,12 @@ class ClassEmbedder(Conditioner):
         path = os.path.join(path, "conditioner.pt") if os.path.isdir(path) else path
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{field}.init_from = {path!r}: no such file (stage 2 exports conditioner.pt)")
-        public = torch.load(path, map_location="cpu", weights_only=True)["embedding.weight"]  # [C_pub + 1, T*D]
+        if path.endswith(".pt") and os.path.basename(path) == "conditioner.pt":  # a dpldm stage-2 export
+            public = torch.load(path, map_location="cpu", weights_only=True)["embedding.weight"]  # [C_pub + 1, T*D]
+        else:  # a CompVis-layout checkpoint's ClassEmbedder (one token per class)
+            from dpldm.modules.original import original_class_embedding
+
+            public = original_class_embedding(path, f"{field}.init_from")
         if public.shape[1] != self.embedding.weight.shape[1] or len(classes) != self.num_classes:
             raise ValueError(f"{field}: public embedding {tuple(public.shape)} and init_classes ({len(classes)}) "
                              f"do not fit {self.num_classes} classes x {self.num_tokens} tokens x {self.embed_dim}")

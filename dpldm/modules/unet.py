@@ -9,6 +9,7 @@ from __future__ import annotations
 from diffusers import UNet2DConditionModel
 
 from dpldm.modules.hub import dtype_of, load_pretrained
+from dpldm.modules.original import is_original_file, original_unet, read_original
 
 
 def build_unet(
@@ -60,29 +61,40 @@ def build_unet(
 
 
 def load_unet(path: str, subfolder: str | None = None, weights: bool = True, revision: str | None = None,
-              variant: str | None = None, torch_dtype: str | None = None) -> UNet2DConditionModel:
-    """A pretrained UNet from a local diffusers directory or a hub id, loaded strictly.
+              variant: str | None = None, torch_dtype: str | None = None, original_config: str | None = None,
+              ema: bool = True) -> UNet2DConditionModel:
+    """A pretrained UNet from a local diffusers directory, a hub id or a CompVis-layout checkpoint file, loaded
+    strictly.
 
     When ``path`` is a pipeline (a ``subfolder`` such as ``unet`` beside a ``scheduler``), the pipeline's
     scheduler config comes along as ``unet.base_scheduler_config``: :class:`~dpldm.modules.LatentDiffusion`
     trains and samples on that schedule and prediction type (epsilon, v or sample) unless told otherwise.
 
+    A CompVis / DP-LDM ``.ckpt`` or a Stable Diffusion single file (``.safetensors``) needs the YAML that built
+    it (``original_config``); its forward process comes along the same way (:mod:`dpldm.modules.original`).
+
     Args:
-        path: directory (e.g. ``runs/quickstart/ldm/pretrained``) or hub id.
-        subfolder: subfolder inside ``path`` (``unet`` for a pipeline repo).
+        path: directory (e.g. ``runs/quickstart/ldm/pretrained``), hub id, or checkpoint file.
+        subfolder: subfolder inside ``path`` (``unet`` for a pipeline repo; ignored for a checkpoint file).
         weights: ``False``: the same architecture with fresh random weights (training from scratch).
         revision: hub branch, tag or commit.
         variant: weights variant (e.g. ``fp16``).
         torch_dtype: ``float32``, ``float16`` or ``bfloat16`` (default: as stored).
+        original_config: for a checkpoint file, the YAML that built it.
+        ema: for a checkpoint file with an EMA copy (``model_ema.*``), start from it (what CompVis samples with).
     """
     key = "model.init_args.unet.init_args.path"
+    dtype = dtype_of(torch_dtype, "model.init_args.unet.init_args.torch_dtype")
+    if is_original_file(path):
+        unet = original_unet(read_original(path, original_config, key), weights, ema)
+        return unet.to(dtype) if dtype is not None else unet
     if not weights:
         config = load_pretrained(UNet2DConditionModel.load_config, path, key, "UNet config", subfolder or None,
                                  revision)
         unet = UNet2DConditionModel.from_config(config)
     else:
         unet = load_pretrained(UNet2DConditionModel.from_pretrained, path, key, "UNet", subfolder or None, revision,
-                               variant, dtype_of(torch_dtype, "model.init_args.unet.init_args.torch_dtype"))
+                               variant, dtype)
     unet.base_scheduler_config = base_scheduler_config(path, revision) if subfolder else None
     return unet
 

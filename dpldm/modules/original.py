@@ -1,0 +1,219 @@
+"""Checkpoints in the original CompVis layout: a latent-diffusion / DP-LDM ``.ckpt`` or a Stable Diffusion single
+file (``.ckpt`` / ``.safetensors``), with the YAML that built it.
+
+One file holds the whole LDM (Rombach et al., 2022): the UNet under ``model.diffusion_model.*`` (EMA copy under
+``model_ema.*``), the autoencoder under ``first_stage_model.*``, the conditioner under ``cond_stage_model.*``
+and the latent scale as the buffer ``scale_factor``. The YAML gives the architectures (``unet_config``,
+``first_stage_config``) and the forward process (``linear_start``, ``linear_end``, ``timesteps``,
+``beta_schedule``, ``parameterization``). We translate the configs and keys with diffusers' own single-file
+conversion (``diffusers.loaders.single_file_utils``) and load strictly: an architecture option that diffusers'
+UNet or autoencoder cannot express (``resblock_updown``, attention inside the autoencoder's blocks) is an error
+that names it, never a model with some weights left random.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from dpldm.errors import ConfigError
+from dpldm.modules.hub import PretrainedMismatchError, PretrainedNotFoundError
+
+SUFFIXES = (".ckpt", ".safetensors", ".pt", ".pth", ".bin")
+UNET, VAE, COND = "model.diffusion_model.", "first_stage_model.", "cond_stage_model."
+
+# CompVis' beta_schedule (ldm/modules/diffusionmodules/util.py: make_beta_schedule) -> diffusers' name.
+# CompVis "linear" is linear in sqrt(beta): diffusers' "scaled_linear" (SD's schedule).
+BETA_SCHEDULES = {"linear": "scaled_linear", "sqrt_linear": "linear", "cosine": "squaredcos_cap_v2"}
+PREDICTION_TYPES = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
+
+
+def is_original_file(path: str) -> bool:
+    """A single checkpoint file (CompVis / SD layout) rather than a diffusers folder or hub id."""
+    return path.endswith(SUFFIXES) and not os.path.isdir(path)
+
+
+@dataclass
+class OriginalCheckpoint:
+    """A CompVis-layout checkpoint and its YAML.
+
+    Args:
+        path: the checkpoint file.
+        state: its state dict (the ``state_dict`` entry of a Lightning checkpoint).
+        config: the YAML as a dict (``model.params`` holds the LDM's settings).
+        field: the config key of ``path``, for errors.
+    """
+
+    path: str
+    state: dict[str, Tensor]
+    config: dict
+    field: str
+
+    @property
+    def params(self) -> dict:
+        return self.config["model"]["params"]
+
+    def part(self, prefix: str) -> dict[str, Tensor]:
+        """The entries under ``prefix`` (prefix kept)."""
+        return {k: v for k, v in self.state.items() if k.startswith(prefix)}
+
+
+def read_state(path: str, field: str) -> dict[str, Tensor]:
+    """The state dict of a checkpoint file (safetensors or a torch pickle of tensors only)."""
+    from diffusers.loaders.single_file_utils import load_single_file_checkpoint
+
+    if not os.path.isfile(path):
+        raise PretrainedNotFoundError(f"`{field}` = {path!r}: no such checkpoint file")
+    try:
+        return load_single_file_checkpoint(path, local_files_only=True)
+    except Exception as err:  # an unpickling error of a checkpoint holding more than tensors, a truncated file
+        raise PretrainedNotFoundError(f"`{field}` = {path!r} could not be read as a checkpoint: "
+                                      f"{type(err).__name__}: {err}") from err
+
+
+def read_original(path: str, original_config: str | None, field: str) -> OriginalCheckpoint:
+    """Read a CompVis-layout checkpoint with its YAML.
+
+    Args:
+        path: the ``.ckpt`` / ``.safetensors`` file.
+        original_config: the YAML that built it (Stable Diffusion 1.x: ``v1-inference.yaml``).
+        field: the config key of ``path``; its sibling ``original_config`` is named in errors.
+    """
+    import yaml
+
+    key = field.rsplit(".", 1)[0] + ".original_config"
+    if original_config is None:
+        raise ConfigError(key, None, f"{field} = {path!r} is a single checkpoint file: give the YAML that built "
+                                     "it (the model's `model.params`, e.g. Stable Diffusion 1.x's v1-inference.yaml)")
+    if not os.path.isfile(original_config):
+        raise ConfigError(key, original_config, "no such file")
+    with open(original_config) as f:
+        config = yaml.safe_load(f)
+    if not isinstance(config, dict) or "params" not in config.get("model", {}):
+        raise ConfigError(key, original_config, "is not a CompVis model YAML (it has no model.params)")
+    return OriginalCheckpoint(path, read_state(path, field), config, field)
+
+
+def _strict_load(model: torch.nn.Module, state: dict[str, Tensor], source: int, ckpt: OriginalCheckpoint,
+                 what: str) -> None:
+    """Load ``state`` (converted from ``source`` checkpoint entries) into ``model``, or list what does not fit."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    dropped = source - len(state)  # checkpoint entries the conversion had no place for
+    if missing or unexpected or mismatched or dropped:
+        listed = "; ".join(f"{name} ({len(keys)}): {', '.join(keys[:6])}" + (", ..." if len(keys) > 6 else "")
+                           for name, keys in (("missing", missing), ("unexpected", unexpected),
+                                              ("mismatched shapes", mismatched)) if keys)
+        if dropped:
+            listed += ("; " if listed else "") + f"{dropped} checkpoint entries with no place in the model"
+        raise PretrainedMismatchError(f"The {what} in `{ckpt.field}` = {ckpt.path!r} does not fit the architecture "
+                                      f"its YAML describes: {listed}. Refusing to train from partly random weights.")
+    model.load_state_dict(state, strict=True)
+
+
+def _unet_config(ckpt: OriginalCheckpoint) -> dict:
+    from diffusers.loaders.single_file_utils import create_unet_diffusers_config_from_ldm
+
+    params = (ckpt.params.get("unet_config") or {}).get("params")
+    if params is None:
+        raise ConfigError(ckpt.field.rsplit(".", 1)[0] + ".original_config", "...", "has no model.params.unet_config")
+    for option in ("resblock_updown",):  # CompVis options diffusers' UNet2DConditionModel has no equivalent of
+        if params.get(option):
+            raise ConfigError(f"{option} (in the YAML's unet_config)", True,
+                              "down/upsampling by ResBlocks has no diffusers UNet2DConditionModel equivalent; "
+                              "this checkpoint cannot be loaded without weights left random")
+    if not params.get("use_spatial_transformer", False) or params.get("context_dim") is None:
+        raise ConfigError("use_spatial_transformer / context_dim (in the YAML's unet_config)",
+                          params.get("context_dim"), "dpldm fine-tunes a cross-attention UNet (UNet2DConditionModel)")
+    config = create_unet_diffusers_config_from_ldm(ckpt.config, ckpt.state)
+    config["sample_size"] = params.get("image_size", ckpt.params.get("image_size"))  # CompVis: the latent size
+    if params.get("use_scale_shift_norm"):  # FiLM on the timestep: (1 + scale) * norm(h) + shift, in that order
+        config["resnet_time_scale_shift"] = "scale_shift"
+    config.pop("num_class_embeds", None)  # class labels reach dpldm's UNet as cross-attention tokens
+    return config
+
+
+def original_unet(ckpt: OriginalCheckpoint, weights: bool = True, ema: bool = True):
+    """The UNet (``model.diffusion_model.*``; the EMA copy when the checkpoint has one and ``ema``).
+
+    Its forward process, from the YAML, comes along as ``unet.base_scheduler_config``.
+    """
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    config = _unet_config(ckpt)
+    unet = UNet2DConditionModel.from_config(config)
+    if weights:
+        use_ema = ema and any(k.startswith("model_ema.") for k in ckpt.state)
+        state = convert_ldm_unet_checkpoint(ckpt.state, config, extract_ema=use_ema)
+        _strict_load(unet, state, len(ckpt.part(UNET)), ckpt, "UNet" + (" (EMA)" if use_ema else ""))
+    unet.base_scheduler_config = original_scheduler_config(ckpt)
+    return unet
+
+
+def original_scheduler_config(ckpt: OriginalCheckpoint) -> dict:
+    """A ``DDPMScheduler`` config of the LDM's forward process (CompVis ``DDPM`` defaults where the YAML is silent)."""
+    params = ckpt.params
+    schedule = params.get("beta_schedule", "linear")
+    prediction = params.get("parameterization", "eps")
+    if schedule not in BETA_SCHEDULES:
+        raise ConfigError("beta_schedule (in the YAML's model.params)", schedule,
+                          f"one of {', '.join(BETA_SCHEDULES)} (what diffusers' DDPMScheduler can express)")
+    if prediction not in PREDICTION_TYPES:
+        raise ConfigError("parameterization (in the YAML's model.params)", prediction,
+                          f"one of {', '.join(PREDICTION_TYPES)}")
+    return {"num_train_timesteps": int(params.get("timesteps", 1000)), "beta_schedule": BETA_SCHEDULES[schedule],
+            "beta_start": float(params.get("linear_start", 1e-4)), "beta_end": float(params.get("linear_end", 2e-2)),
+            "prediction_type": PREDICTION_TYPES[prediction], "clip_sample": False}
+
+
+def original_autoencoder(ckpt: OriginalCheckpoint, weights: bool = True):
+    """The autoencoder (``first_stage_model.*``): an ``AutoencoderKL``, or a ``VQModel`` for CompVis'
+    ``VQModelInterface``. Its latent scale is the checkpoint's ``scale_factor`` buffer (set from the public
+    training data when CompVis ``scale_by_std`` was on), else the YAML's, else CompVis' default 1.0."""
+    from diffusers import AutoencoderKL, VQModel
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint, create_vae_diffusers_config_from_ldm
+
+    stage = ckpt.params.get("first_stage_config") or {}
+    ddconfig = stage.get("params", {}).get("ddconfig", {})
+    if ddconfig.get("attn_resolutions"):
+        raise ConfigError("first_stage_config.params.ddconfig.attn_resolutions (in the YAML)",
+                          ddconfig["attn_resolutions"], "diffusers' autoencoders have attention only in the middle "
+                          "block; this autoencoder cannot be loaded without weights left random")
+    if "scale_factor" in ckpt.state:
+        scale = float(ckpt.state["scale_factor"])
+    else:
+        scale = float(ckpt.params.get("scale_factor", 1.0))
+    config = create_vae_diffusers_config_from_ldm(ckpt.config, ckpt.state, scaling_factor=scale)
+    config["sample_size"] = ddconfig.get("resolution", config["sample_size"])
+    vq = stage.get("target", "").endswith(("VQModel", "VQModelInterface"))
+    if vq:
+        config |= {"num_vq_embeddings": stage["params"]["n_embed"], "vq_embed_dim": stage["params"]["embed_dim"]}
+    elif stage.get("params", {}).get("embed_dim", ddconfig.get("z_channels")) != ddconfig.get("z_channels"):
+        raise ConfigError("first_stage_config.params.embed_dim (in the YAML)", stage["params"]["embed_dim"],
+                          f"must equal ddconfig.z_channels ({ddconfig.get('z_channels')}) for diffusers' AutoencoderKL")
+    vae = (VQModel if vq else AutoencoderKL).from_config(config)
+    if weights:
+        state = convert_ldm_vae_checkpoint(ckpt.state, config)
+        if vq:
+            state["quantize.embedding.weight"] = ckpt.state.get(VAE + "quantize.embedding.weight")
+        source = {k for k in ckpt.part(VAE) if "loss." not in k}  # CompVis keeps the training loss (LPIPS) here
+        _strict_load(vae, {k: v for k, v in state.items() if v is not None}, len(source), ckpt, "autoencoder")
+    return vae
+
+
+def original_class_embedding(path: str, field: str) -> Tensor:
+    """``cond_stage_model.embedding.weight`` [C, D] of a CompVis ``ClassEmbedder`` (one token per class), with a
+    null class appended for classifier-free guidance: the mean of the public classes -> [C + 1, D]."""
+    state = read_state(path, field)
+    key = COND + "embedding.weight"
+    if key not in state:
+        raise ConfigError(field, path, f"has no {key} (a CompVis ClassEmbedder); its conditioner keys: "
+                                       f"{sorted(k for k in state if k.startswith(COND))[:6]}")
+    public = state[key].float()
+    return torch.cat([public, public.mean(0, keepdim=True)])
