@@ -24,7 +24,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--ckpt", help="checkpoint file (default: the run's newest)")
     cond = p.add_mutually_exclusive_group(required=True)
     cond.add_argument("--prompts", help="text file, one prompt per line (text-conditional models)")
-    cond.add_argument("--labels", nargs="+", help="class indices, or 'all' (class-conditional models)")
+    cond.add_argument("--labels", nargs="+", help="class indices, or 'all' (class-conditional models; "
+                      "unconditional ones: all)")
     p.add_argument("--repeat", type=int, default=1, help="samples per prompt or label (default 1)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's)")
     p.add_argument("--steps", type=int, help="solver steps (default: the model's)")
@@ -52,7 +53,11 @@ def conditions(model: torch.nn.Module, prompts: str | None, labels: list[str] | 
     else:
         if key != "label":
             raise ConfigError("--labels", labels, f"this model is conditioned on {key!r}; use --prompts")
-        n = model.conditioner.num_classes
+        n = getattr(model.conditioner, "num_classes", None)
+        if n is None:  # an unconditional model: one "class", every image
+            if labels not in (["all"], ["0"]):
+                raise ConfigError("--labels", labels, "this model is unconditional: use --labels all --repeat N")
+            n = 1
         items = list(range(n)) if labels == ["all"] else [int(x) for x in labels]
         bad = [x for x in items if not 0 <= x < n]
         if bad:

@@ -55,7 +55,8 @@ def conditions(model: nn.Module, n: int, prompts: list[str] | None = None) -> Te
         if not prompts:
             raise ConfigError("prompts", prompts, "a text-conditional model needs prompts to sample for evaluation")
         return [prompts[i % len(prompts)] for i in range(n)]
-    return torch.arange(n) % model.conditioner.num_classes
+    classes = getattr(model.conditioner, "num_classes", None)
+    return torch.zeros(n, dtype=torch.long) if classes is None else torch.arange(n) % classes  # None: unconditional
 
 
 @torch.no_grad()
@@ -242,7 +243,7 @@ class DownstreamAccuracy(SampleMetric):
     def compute(self, model: nn.Module, datamodule: object, images: Tensor, conds: Tensor | list[str]) -> dict:
         from dpldm.metrics import downstream
 
-        if not isinstance(conds, Tensor):
+        if not isinstance(conds, Tensor) or getattr(model.conditioner, "num_classes", None) is None:
             raise ConfigError("DownstreamAccuracy", type(model.conditioner).__name__, "needs a class-conditional model")
         real = held_out(datamodule, self.splits, self.test_samples)
         for split, (x, y) in real.items():

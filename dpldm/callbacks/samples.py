@@ -17,7 +17,9 @@ def grid_conditions(model: L.LightningModule, per_class: int, prompts: list[str]
     """The conditions of a sample grid and its row length: per_class samples of every class, or prompts."""
     if prompts:
         return [p for p in prompts for _ in range(per_class)], per_class
-    num_classes = model.conditioner.num_classes
+    num_classes = getattr(model.conditioner, "num_classes", None)
+    if num_classes is None:  # unconditional: per_class rows of 8
+        return torch.zeros(8 * per_class, dtype=torch.long, device=model.device), 8
     return torch.arange(num_classes, device=model.device).repeat(per_class), num_classes  # a column per class
 
 

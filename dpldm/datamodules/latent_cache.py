@@ -180,8 +180,8 @@ class LatentCacheDataModule(ImageDataModule):
                 shutil.rmtree(self.cache_dir)
         os.makedirs(self.cache_dir, exist_ok=True)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        parts = [model.autoencoder, model.conditioner]
-        homes = [next(p.parameters()).device for p in parts]
+        parts = [p for p in (model.autoencoder, model.conditioner) if next(p.parameters(), None) is not None]
+        homes = [next(p.parameters()).device for p in parts]  # (an Unconditional conditioner has none)
         for p in parts:
             p.to(device)
         try:

@@ -1,7 +1,8 @@
 """``dpldm export RUN OUT``: a finished run as a self-contained diffusers pipeline folder with a model card.
 
 A run on a base pipeline's own text encoder exports as that standard pipeline: a ``StableDiffusionPipeline``
-(CLIP) or an ``LDMTextToImagePipeline`` (CompVis' LDMBert), loadable without custom code. A class-conditional run's OUT
+(CLIP) or an ``LDMTextToImagePipeline`` (CompVis' LDMBert), an unconditional one as an ``LDMPipeline``, loadable
+without custom code. A class-conditional run's OUT
 holds ``model_index.json``, ``unet/`` (EMA weights when kept; LoRA adapters merged), ``vae/`` (its latent
 scale factor the run's), ``scheduler/`` (the run's solver on its training schedule), ``conditioning/`` (the
 class embedding), ``pipeline.py`` (:mod:`dpldm.export.pipeline`: torch and diffusers only) and ``README.md``
@@ -34,7 +35,7 @@ def export_run(run_dir: str, out: str, checkpoint: str | None = None) -> str:
     """
     from dpldm.export.card import model_card
     from dpldm.modules.pipeline_text import PipelineTextEncoder
-    from dpldm.modules.conditioning import ClassEmbedder
+    from dpldm.modules.conditioning import ClassEmbedder, Unconditional
     from dpldm.privacy.scope import merged_unet
     from dpldm.runs import load_run_and_data, saved_config
 
@@ -42,13 +43,16 @@ def export_run(run_dir: str, out: str, checkpoint: str | None = None) -> str:
     cond = model.conditioner
     if isinstance(cond, ClassEmbedder):
         write = _class_conditional
+    elif isinstance(cond, Unconditional):
+        write = _unconditional
     elif isinstance(cond, PipelineTextEncoder) and cond.projection is None and type(cond.text_model).__name__ in (
             "CLIPTextModel", "LDMBertModel"):
         write = _text_to_image
     else:
         raise ConfigError("model.init_args.conditioner", type(cond).__name__,
-                          "dpldm export writes class-conditional models (ClassEmbedder) and runs on a base "
-                          "pipeline's own CLIPTextModel or LDMBert (PipelineTextEncoder, no projection) so far")
+                          "dpldm export writes class-conditional (ClassEmbedder) and unconditional models and runs "
+                          "on a base pipeline's own CLIPTextModel or LDMBert (PipelineTextEncoder, no projection)"
+                          " so far")
     privacy = torch.load(path, map_location="cpu", weights_only=False).get("privacy")
     with model.ema_weights():  # the weights the run samples with
         unet = merged_unet(model.unet)
@@ -82,6 +86,16 @@ def _class_conditional(model: object, unet: object, vae: object, out: str) -> No
     index["conditioning"] = ["pipeline", "ClassEmbedding"]
     with open(index_path, "w") as f:
         json.dump(index, f, indent=2)
+
+
+def _unconditional(model: object, unet: object, vae: object, out: str) -> None:
+    """diffusers' standard ``LDMPipeline`` (an unconditional UNet2DModel, its autoencoder as ``vqvae``)."""
+    from diffusers import LDMPipeline
+
+    from dpldm.modules.sampling import solver_scheduler
+
+    scheduler = solver_scheduler(model.noise_scheduler, model.solver)
+    LDMPipeline(vqvae=vae, unet=unet, scheduler=scheduler).save_pretrained(out)
 
 
 def _text_to_image(model: object, unet: object, vae: object, out: str) -> None:

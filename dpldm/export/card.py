@@ -9,6 +9,13 @@ import os
 
 from dpldm.runs import rebased
 
+UNCONDITIONAL_USAGE = """```python
+from diffusers import LDMPipeline
+
+pipe = LDMPipeline.from_pretrained("{folder}")
+images = pipe(batch_size=16, num_inference_steps={steps}).images
+```"""
+
 TEXT_USAGE = """```python
 from diffusers import {pipeline}
 
@@ -119,7 +126,11 @@ def model_card(name: str, model: object, privacy: dict | None, cfg: dict, run_di
     classes = getattr(model.conditioner, "num_classes", None)
     pipeline = "LDMTextToImagePipeline" if type(getattr(model.conditioner, "text_model", None)).__name__ == (
         "LDMBertModel") else "StableDiffusionPipeline"
-    usage = (USAGE.format(folder=name, classes=classes, steps=model.sampling_steps) if classes else
-             TEXT_USAGE.format(folder=name, steps=model.sampling_steps, pipeline=pipeline))
+    if classes:
+        usage = USAGE.format(folder=name, classes=classes, steps=model.sampling_steps)
+    elif model.conditioner.embed_dim is None:  # unconditional
+        usage = UNCONDITIONAL_USAGE.format(folder=name, steps=model.sampling_steps)
+    else:
+        usage = TEXT_USAGE.format(folder=name, steps=model.sampling_steps, pipeline=pipeline)
     body += ["## Public base model", "", *base_models(cfg, run_dir), "", "## Use", "", usage, "", CAVEATS, ""]
     return "\n".join(front + body)

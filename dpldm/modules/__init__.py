@@ -2,7 +2,7 @@
 
 from dpldm.modules.autoencoder import FrozenAutoencoder, build_autoencoder, load_autoencoder
 from dpldm.modules.autoencoder_module import AutoencoderTraining
-from dpldm.modules.conditioning import ClassEmbedder, Conditioner, OpenCLIPTextEncoder
+from dpldm.modules.conditioning import ClassEmbedder, Conditioner, OpenCLIPTextEncoder, Unconditional
 from dpldm.modules.diffusion import LatentDiffusion
 from dpldm.modules.loss import MinSNRWeighting, UniformTimesteps, UnitWeighting
 from dpldm.modules.pipeline_text import PipelineTextEncoder
@@ -10,6 +10,6 @@ from dpldm.modules.unet import build_unet, load_unet
 
 __all__ = [
     "AutoencoderTraining", "ClassEmbedder", "Conditioner", "FrozenAutoencoder", "LatentDiffusion",
-    "MinSNRWeighting", "OpenCLIPTextEncoder", "PipelineTextEncoder", "UniformTimesteps", "UnitWeighting",
+    "MinSNRWeighting", "OpenCLIPTextEncoder", "PipelineTextEncoder", "Unconditional", "UniformTimesteps", "UnitWeighting",
     "build_autoencoder", "build_unet", "load_autoencoder", "load_unet",
 ]

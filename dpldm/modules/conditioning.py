@@ -109,6 +109,28 @@ class ClassEmbedder(Conditioner):
         return torch.full((batch_size,), self.num_classes, dtype=torch.long, device=self.embedding.weight.device)
 
 
+class Unconditional(Conditioner):
+    """No condition: an unconditional LDM (a diffusers ``UNet2DModel``, no cross-attention). The batch's labels
+    or captions, if any, are ignored; a condition is a placeholder per example, so sampling takes a batch size
+    (``torch.zeros(B)``) and classifier-free guidance does not apply."""
+
+    input_key = "label"
+    embed_dim = None
+
+    def select(self, batch: dict) -> Tensor:
+        images = batch["moments"] if "moments" in batch else batch["image"]
+        return torch.zeros(len(images), dtype=torch.long, device=images.device)
+
+    def forward(self, cond: Any) -> None:
+        return None
+
+    def drop(self, cond: Any, mask: Tensor) -> Any:
+        return cond
+
+    def null(self, batch_size: int) -> Tensor:
+        return torch.zeros(batch_size, dtype=torch.long)
+
+
 def resolve_open_clip(model_name: str, pretrained: str | None, field: str) -> tuple[str, str | None]:
     """open_clip's (architecture name, pretrained tag) for our config values.
 

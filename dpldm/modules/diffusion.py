@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from dpldm.errors import ConfigError
 from dpldm.modules.autoencoder import FrozenAutoencoder
-from dpldm.modules.conditioning import Conditioner
+from dpldm.modules.conditioning import Conditioner, Unconditional
 from dpldm.modules.loss import LossWeighting, TimestepSampler, UniformTimesteps, UnitWeighting, denoising_loss
 from dpldm.modules.sampling import Solver, sample_latents
 from dpldm.modules.schedule import training_schedule
@@ -106,7 +106,12 @@ class LatentDiffusion(L.LightningModule):
     # --- checks that need only the parts (run at construction, before any data is read) ---
     def _check_parts(self) -> None:
         cfg = self.unet.config
-        if self.conditioner.embed_dim != cfg.cross_attention_dim:
+        cross, width = cfg.get("cross_attention_dim"), self.conditioner.embed_dim  # None: unconditional UNet2DModel
+        if (cross is None) != (width is None):
+            raise ConfigError("model.init_args.conditioner", type(self.conditioner).__name__,
+                              "an unconditional UNet (UNet2DModel) takes dpldm.modules.Unconditional" if cross is None
+                              else "the UNet cross-attends to conditioning tokens: a class embedder or text encoder")
+        if width != cross:
             raise ConfigError(
                 "model.init_args.unet.init_args.cross_attention_dim", cfg.cross_attention_dim,
                 f"must equal the conditioner's token width embed_dim = {self.conditioner.embed_dim}")
@@ -257,7 +262,8 @@ class LatentDiffusion(L.LightningModule):
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         """``dpldm predict``: one sample per condition of the batch (seeded by the batch index), as
         ``{"images": [B, C, H, W] in [-1, 1], "cond": the B conditions}``."""
-        cond = batch[self.conditioner.input_key]  # labels [B] or B captions
+        unconditional = isinstance(self.conditioner, Unconditional)
+        cond = self.conditioner.select(batch) if unconditional else batch[self.conditioner.input_key]  # labels, captions
         gen = torch.Generator(self.device).manual_seed(batch_idx)
         return {"images": self.sample(cond, generator=gen).cpu(),
                 "cond": cond.tolist() if isinstance(cond, Tensor) else list(cond)}

@@ -12,6 +12,8 @@ import torch
 from diffusers import DDPMScheduler
 from torch import Tensor
 
+from dpldm.modules.unet import denoise
+
 
 class TimestepSampler:
     """Draws training timesteps t in [0, num_train_timesteps)."""
@@ -72,9 +74,9 @@ def denoising_loss(
     """Per-example loss: the mean over K (t, noise) draws of w(t) * ||target - net(z_t, t, c)||^2 / dim.
 
     Args:
-        unet: denoiser, called as ``unet(z_t, t, encoder_hidden_states=c).sample``.
+        unet: denoiser, called through :func:`~dpldm.modules.unet.denoise`.
         latents: clean latents z_0 [B, c, h, w].
-        context: conditioning tokens [B, T, D].
+        context: conditioning tokens [B, T, D]; None for an unconditional UNet.
         scheduler: the forward process (betas, prediction type).
         timesteps: how t is drawn.
         weighting: w(t).
@@ -85,7 +87,7 @@ def denoising_loss(
     """
     b = latents.shape[0]
     z0 = latents.repeat_interleave(noise_draws, 0)  # [B*K, c, h, w], draws of one example adjacent
-    ctx = context.repeat_interleave(noise_draws, 0)  # [B*K, T, D]
+    ctx = None if context is None else context.repeat_interleave(noise_draws, 0)  # [B*K, T, D]
     t = timesteps(z0.shape[0], scheduler.config.num_train_timesteps, z0.device)  # [B*K]
     noise = torch.randn_like(z0)
     z_t = scheduler.add_noise(z0, noise, t)
@@ -94,6 +96,6 @@ def denoising_loss(
         raise ValueError(f"prediction_type {kind!r}: dpldm trains epsilon, v_prediction or sample")
     target = {"epsilon": noise, "sample": z0}.get(kind)
     target = scheduler.get_velocity(z0, noise, t) if target is None else target  # v = alpha_t eps - sigma_t z_0
-    pred = unet(z_t, t, encoder_hidden_states=ctx).sample
+    pred = denoise(unet, z_t, t, ctx)
     per_draw = (pred.float() - target.float()).pow(2).flatten(1).mean(1) * weighting(t, scheduler)  # [B*K]
     return per_draw.view(b, noise_draws).mean(1)  # [B]

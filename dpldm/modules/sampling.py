@@ -15,6 +15,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from torch import Tensor
 
 from dpldm.modules.conditioning import Conditioner
+from dpldm.modules.unet import denoise
 
 Solver = Literal["ddim", "dpm_solver++"]
 
@@ -65,7 +66,9 @@ def sample_latents(
     scheduler = solver_scheduler(train_scheduler, solver)
     scheduler.set_timesteps(num_steps, device=device)
     b = len(cond)
-    ctx = conditioner(cond)  # [B, T, D]
+    ctx = conditioner(cond)  # [B, T, D]; None: unconditional
+    if ctx is None:
+        guidance_scale = 1.0  # nothing to guide towards
     if guidance_scale != 1.0:
         ctx = torch.cat([conditioner(conditioner.null(b)), ctx])  # [2B, T, D]: null half first
     z = torch.randn((b, *shape), generator=generator, device=device)
@@ -76,7 +79,7 @@ def sample_latents(
         steps = tqdm(steps, desc="sampling", leave=False)
     for t in steps:
         z_in = torch.cat([z, z]) if guidance_scale != 1.0 else z
-        out = unet(z_in, t, encoder_hidden_states=ctx).sample
+        out = denoise(unet, z_in, t, ctx)
         if guidance_scale != 1.0:
             out_null, out_cond = out.chunk(2)
             out = out_null + guidance_scale * (out_cond - out_null)

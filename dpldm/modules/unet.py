@@ -1,12 +1,15 @@
-"""The denoiser: a diffusers ``UNet2DConditionModel`` with cross-attention to the conditioning tokens.
+"""The denoiser: a diffusers ``UNet2DConditionModel`` with cross-attention to the conditioning tokens, or a
+``UNet2DModel`` for an unconditional LDM (self-attention only).
 
-:func:`build_unet` makes one from a small typed config; :func:`load_unet` loads a pretrained one. The
-attention modules of this UNet (its ``Transformer2DModel`` blocks) are what DP-LDM fine-tunes.
+:func:`build_unet` makes one from a small typed config; :func:`load_unet` loads a pretrained one (the class its
+config names). The attention modules of this UNet (its ``Transformer2DModel`` blocks; a ``UNet2DModel``'s
+``Attention`` modules) are what DP-LDM fine-tunes. :func:`denoise` calls either.
 """
 
 from __future__ import annotations
 
-from diffusers import UNet2DConditionModel
+import torch
+from diffusers import UNet2DConditionModel, UNet2DModel
 
 from dpldm.modules.hub import dtype_of, load_pretrained
 from dpldm.modules.original import is_original_file, original_unet, read_original
@@ -88,13 +91,12 @@ def load_unet(path: str, subfolder: str | None = None, weights: bool = True, rev
     if is_original_file(path):
         unet = original_unet(read_original(path, original_config, key), weights, ema)
         return unet.to(dtype) if dtype is not None else unet
+    config = load_pretrained(UNet2DConditionModel.load_config, path, key, "UNet config", subfolder or None, revision)
+    cls = UNet2DModel if config.get("_class_name") == "UNet2DModel" else UNet2DConditionModel  # as the folder says
     if not weights:
-        config = load_pretrained(UNet2DConditionModel.load_config, path, key, "UNet config", subfolder or None,
-                                 revision)
-        unet = UNet2DConditionModel.from_config(config)
+        unet = cls.from_config(config)
     else:
-        unet = load_pretrained(UNet2DConditionModel.from_pretrained, path, key, "UNet", subfolder or None, revision,
-                               variant, dtype)
+        unet = load_pretrained(cls.from_pretrained, path, key, "UNet", subfolder or None, revision, variant, dtype)
     unet.base_scheduler_config = base_scheduler_config(path, revision) if subfolder else None
     return unet
 
@@ -107,6 +109,14 @@ def base_scheduler_config(path: str, revision: str | None = None) -> dict | None
         return dict(DDPMScheduler.load_config(path, subfolder="scheduler", revision=revision))
     except (OSError, ValueError):
         return None
+
+
+def denoise(unet: torch.nn.Module, z: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+    """The UNet's output for noisy latents z [B, c, h, w] at steps t [B] (or a scalar), with conditioning tokens
+    [B, T, D]; ``context`` None: an unconditional ``UNet2DModel``."""
+    if context is None:
+        return unet(z, t).sample
+    return unet(z, t, encoder_hidden_states=context).sample
 
 
 def unet_downsample_factor(unet: UNet2DConditionModel) -> int:

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
+from diffusers.models.attention_processor import Attention
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch import nn
 
@@ -30,9 +31,12 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections
 
 
 def attention_blocks(unet: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The UNet's transformer blocks in forward order: input (down) -> middle -> output (up)."""
+    """The UNet's transformer blocks in forward order: input (down) -> middle -> output (up). An unconditional
+    ``UNet2DModel`` has none: its attention blocks are its (self-)``Attention`` modules, GroupNorm included."""
     order = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
     found = [(n, m) for n, m in unet.named_modules() if isinstance(m, Transformer2DModel)]
+    if not found:
+        found = [(n, m) for n, m in unet.named_modules() if isinstance(m, Attention)]
     return sorted(found, key=lambda nm: (order.get(nm[0].split(".")[0], 3), _index_path(nm[0])))
 
 
@@ -53,6 +57,10 @@ def block_resolution(unet: nn.Module, name: str) -> int:
 def _pick(block: nn.Module, kind: ScopeKind) -> list[nn.Module]:
     """Submodules of one transformer block that a scope kind trains."""
     if kind == "attention":
+        return [block]
+    if isinstance(block, Attention):  # a UNet2DModel's self-attention: no cross-attention to pick
+        if kind == "cross_attention":
+            raise ConfigError("scope.kind", kind, "an unconditional UNet (UNet2DModel) has no cross-attention")
         return [block]
     which = ("attn1", "norm1") if kind == "self_attention" else ("attn2", "norm2")
     return [getattr(tb, w) for tb in block.transformer_blocks for w in which if getattr(tb, w, None) is not None]
@@ -129,6 +137,10 @@ class TrainableScope:
         """Adapters on the target projections inside ``blocks``; returns their A and B layers."""
         from peft import LoraConfig
         from peft.tuners.lora import LoraLayer
+
+        if not hasattr(unet, "add_adapter"):  # diffusers' PEFT integration: UNet2DConditionModel, not UNet2DModel
+            raise ConfigError("scope.kind", "lora", f"diffusers' {type(unet).__name__} takes no PEFT adapters; "
+                              "use kind: attention")
 
         inside = {id(m) for b in blocks for m in b.modules()}
         names = [n for n, m in unet.named_modules() if id(m) in inside and isinstance(m, nn.Linear)
