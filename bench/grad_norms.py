@@ -54,7 +54,7 @@ def grad_norms(model: torch.nn.Module, batch: dict) -> np.ndarray:
 
 
 def main() -> None:
-    from dpldm.cli import DPLDMCLI
+    from dpldm.commands.lightning_cli import DPLDMCLI
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=sorted(SIZES), default="mnist")

@@ -105,7 +105,7 @@ def build_cli(config: str, overrides: list[str], root: str) -> object:
     """
     import warnings
 
-    from dpldm.cli import DPLDMCLI
+    from dpldm.commands.lightning_cli import DPLDMCLI
 
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     audit_args = ["--trainer.callbacks=[]", "--trainer.logger=false", "--trainer.enable_checkpointing=false",

@@ -1,159 +1,97 @@
-"""The ``dpldm`` command: a LightningCLI (``fit/validate/test/predict`` from YAML configs with
-``class_path``/``init_args``), plus ``dpldm quickstart``, ``dpldm cache`` (latent cache),
-``dpldm sample``, ``dpldm evaluate``, the ``dpldm privacy`` calculator, ``dpldm audit`` (empirical
-privacy audit), ``dpldm sweep`` (a W&B sweep file, run locally) and ``dpldm experiment``.
+"""The ``dpldm`` command: one entry point for every subcommand, fast to ask for help.
+
+``fit``, ``validate`` and ``predict`` are a LightningCLI (:class:`dpldm.commands.lightning_cli.DPLDMCLI`: YAML
+configs with ``class_path``/``init_args``); the others are drivers with a ``main(argv)`` of their own. Nothing
+heavy is imported before a command is chosen, so ``dpldm --help`` answers at once. A user error (a config value
+out of its bound, weights that are not where the config says) prints one short paragraph naming the field and
+exits 2; ``--verbose`` shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import importlib
-import os
 import sys
-import warnings
 
-import lightning.pytorch as L
-import yaml
-from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
-from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
-
-from dpldm.callbacks.checkpoint import ResumableCheckpoint
-from dpldm.callbacks.samples import SampleWriter
-from dpldm.loggers import WandbLogger, run_name, sweep_run, wandb_disabled
-from dpldm.runs import write_run_files
-
-
-# The frozen autoencoder and text encoder are in eval mode on purpose.
-warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
-
-
-class SaveConfigEverywhere(SaveConfigCallback):
-    """``config.yaml`` next to the logs with what reloads the run from anywhere (``dpldm.runs.write_run_files``),
-    and the resolved config in the W&B run (dpldm's WandbLogger takes it when its run starts, so this does not
-    start it before the setup checks)."""
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if not self.already_saved:
-            self.log_dir = trainer.log_dir  # broadcast: every rank asks, before save_config runs on rank zero
-        super().setup(trainer, pl_module, stage)
-
-    def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        write_run_files(pl_module, self.log_dir)
-        loggers = [lg for lg in trainer.loggers if isinstance(lg, LightningWandbLogger)]
-        if loggers:
-            config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
-            for logger in loggers:
-                if isinstance(logger, WandbLogger):
-                    logger.add_config(config)
-                else:
-                    logger.experiment.config.update(config, allow_val_change=True)
+# name -> (module with main(argv), one-line summary); fit/validate/predict go to LightningCLI.
+COMMANDS = {
+    "fit": ("", "train a stage from a YAML config (DP-SGD when the config has privacy)"),
+    "validate": ("", "run a config's validation loop on a checkpoint (public data only)"),
+    "predict": ("", "sample the test split's conditions with a checkpoint (files via SampleWriter)"),
+    "quickstart": ("dpldm.quickstart", "the whole method end to end on scikit-learn's digits (CPU, minutes)"),
+    "cache": ("dpldm.commands.cache", "build or check the latent cache a fit config trains on"),
+    "sample": ("dpldm.sample", "images from a finished run, for class labels or a prompts file"),
+    "evaluate": ("dpldm.evaluate", "a run's metrics (FID, downstream accuracy, CLIP score) on a checkpoint"),
+    "export": ("dpldm.export", "a run as a diffusers pipeline folder with its privacy model card"),
+    "privacy": ("dpldm.privacy.calculator", "the privacy calculator: sigma for a target epsilon, or epsilon"),
+    "sweep": ("dpldm.sweep", "run a W&B sweep file locally (grid/random over epsilon, C, ...)"),
+    "audit": ("dpldm.audit", "an empirical privacy audit with canaries (a lower bound on epsilon)"),
+    "experiment": ("dpldm.experiment", "the privacy-utility comparison of every method on digits/MNIST/Fashion"),
+}
+LIGHTNING = ("fit", "validate", "predict")
+USER_ERRORS = ("ConfigError", "PretrainedNotFoundError", "PretrainedMismatchError", "CacheMismatchError")
 
 
-def without_wandb(loggers: object) -> object:
-    """The trainer's ``logger`` setting without its W&B loggers (``WANDB_MODE=disabled``: no W&B at all).
-
-    Args:
-        loggers: the instantiated ``trainer.logger`` value (a logger, a list of them, or a bool).
-    """
-    if isinstance(loggers, LightningWandbLogger):
-        return False
-    if isinstance(loggers, list):
-        return [lg for lg in loggers if not isinstance(lg, LightningWandbLogger)] or False
-    return loggers
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    rows = "\n".join(f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items())
+    return (f"usage: dpldm COMMAND [ARGS] [--verbose]\n\nDP fine-tuning of latent diffusion models (DP-LDM).\n\n"
+            f"commands:\n{rows}\n\n`dpldm COMMAND --help` shows a command's options and defaults; --verbose shows "
+            "the traceback of an error.")
 
 
-class DPLDMCLI(LightningCLI):
-    """LightningCLI with dpldm's defaults: any LightningModule / DataModule by ``class_path``,
-    OmegaConf interpolation in configs, and the run's config saved next to its logs.
-    """
-
-    def __init__(self, args: list[str] | None = None, run: bool = True):
-        super().__init__(
-            L.LightningModule,
-            L.LightningDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            parser_kwargs={"parser_mode": "omegaconf"},
-            save_config_callback=SaveConfigEverywhere,
-            save_config_kwargs={"overwrite": True},
-            auto_configure_optimizers=False,
-            seed_everything_default=0,
-            args=args,
-            run=run,
-        )
-
-    def before_instantiate_classes(self) -> None:
-        # Under `wandb agent` each run has its own folder, <default_root_dir>/<W&B run id>: its checkpoints,
-        # logs and W&B files, never those of the sweep's other runs (in turn or in parallel agents).
-        run = sweep_run()
-        if run is not None and self.subcommand is not None:
-            trainer = self._get(self.config, "trainer")
-            trainer.default_root_dir = os.path.join(trainer.default_root_dir or ".", run.id)
-
-    def instantiate_trainer(self, **kwargs: object) -> L.Trainer:
-        # By default CSV logs next to the checkpoints (the first logger: it sets trainer.log_dir), and W&B
-        # (offline by itself without an API key or network). WANDB_MODE=disabled: no W&B logger at all, not
-        # even one the config names.
-        trainer_cfg = self._get(self.config_init, "trainer", default={})
-        if trainer_cfg.get("logger") in (None, True):
-            root = trainer_cfg.get("default_root_dir") or "."
-            trainer_cfg["logger"] = [CSVLogger(save_dir=root, name="logs")]
-            if not wandb_disabled():
-                trainer_cfg["logger"].append(WandbLogger(name=run_name(root), save_dir=root))
-        elif wandb_disabled():
-            trainer_cfg["logger"] = without_wandb(trainer_cfg["logger"])
-        # Checkpoints that `--ckpt_path last` finds (in <root>/checkpoints), unless the config has its own.
-        callbacks = trainer_cfg.get("callbacks") or []
-        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
-        if trainer_cfg.get("enable_checkpointing") is not False and not any(
-                isinstance(cb, ModelCheckpoint) for cb in callbacks):
-            trainer_cfg["callbacks"] = [*callbacks, ResumableCheckpoint()]
-        if self.subcommand == "predict" and not any(isinstance(cb, BasePredictionWriter) for cb in callbacks):
-            trainer_cfg["callbacks"] = [*(trainer_cfg.get("callbacks") or callbacks), SampleWriter()]  # to files
-        return super().instantiate_trainer(**kwargs)
+def explain(err: BaseException) -> str | None:
+    """The short message of a user error anywhere in ``err``'s chain (the innermost dpldm error, or a config
+    parse error), or None for anything else (a bug: the traceback stays)."""
+    chain, seen = [], set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        chain.append(err)
+        err = err.__cause__ or err.__context__
+    for e in reversed(chain):  # innermost first: what the user's value broke
+        if type(e).__name__ in USER_ERRORS or isinstance(e, FileNotFoundError) and "init_args" in str(e):
+            return str(e)
+    for e in chain:
+        text = str(e)
+        if type(e).__name__ == "ArgumentError" or "Does not validate against" in text:
+            lines = [ln.strip() for ln in text.splitlines()]
+            bullets = [ln[2:] for ln in lines if ln.startswith("- ") and "Expected a <class 'NoneType'>" not in ln]
+            return "\n".join(bullets[:5] or lines[:3])
+    return None
 
 
-def cache(argv: list[str]) -> dict:
-    """``dpldm cache --config FIT.yaml [overrides]``: build (or resume, or check) the latent cache that
-    a fit config trains on, with that config's frozen autoencoder and text encoder."""
-    from dpldm.datamodules import LatentCacheDataModule
-    from dpldm.errors import ConfigError
+def run(argv: list[str]) -> object:
+    name = argv[0]
+    if name in LIGHTNING:
+        from dpldm.commands.lightning_cli import DPLDMCLI
 
-    cli = DPLDMCLI(args=argv, run=False)
-    dm = cli.datamodule
-    if not isinstance(dm, LatentCacheDataModule):
-        raise ConfigError("data.class_path", type(dm).__name__, "must be dpldm.datamodules.LatentCacheDataModule")
-    cli.model.preflight(dm)  # shapes before hours of encoding
-    meta = dm.build(cli.model)
-    print(f"latent cache {dm.cache_dir}: {meta['num_records']:,} records x {meta['views']} view(s); "
-          + ", ".join(f"{k} {tuple(v)}" for k, v in meta["fields"].items()))
-    if meta.get("source_report"):
-        print(f"source: {meta['source_report']}")
-    return meta
+        return DPLDMCLI(args=argv)
+    return importlib.import_module(COMMANDS[name][0]).main(argv[1:])
 
 
-# dpldm's own subcommands besides LightningCLI's fit/validate/test/predict: name -> module with main(argv).
-SUBCOMMANDS = {"quickstart": "dpldm.quickstart", "sample": "dpldm.sample", "evaluate": "dpldm.evaluate",
-               "export": "dpldm.export", "privacy": "dpldm.privacy.calculator",
-               "experiment": "dpldm.experiment", "audit": "dpldm.audit", "sweep": "dpldm.sweep"}
-
-
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> object:
     """Entry point of the ``dpldm`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "test":  # a test-set loss says little about a generator; its metrics are elsewhere
+    verbose = "--verbose" in argv
+    argv = [a for a in argv if a != "--verbose"]
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return None
+    if argv[0] == "test":  # a test-set loss says little about a generator; its metrics are elsewhere
         print("dpldm test is not offered: `dpldm evaluate RUN` runs the run's metric callbacks (FID, downstream "
               "accuracy, CLIP score) on a checkpoint, and `dpldm predict --config CONFIG --ckpt_path CKPT` samples "
               "the test set's conditions.", file=sys.stderr)
         sys.exit(2)
-    if argv and argv[0] == "cache":
-        cache(argv[1:])
-        return
-    if argv and argv[0] in SUBCOMMANDS:  # each module's main(argv)
-        importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
-        return
-    DPLDMCLI(args=argv)
+    if argv[0] not in COMMANDS:
+        print(f"dpldm: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        return run(argv)
+    except Exception as err:
+        message = None if verbose else explain(err)
+        if message is None:
+            raise
+        print(f"dpldm {argv[0]}: error: {message}\n(--verbose shows the traceback)", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> dict[str, float]:
     from dpldm.callbacks.evaluation import SampleMetric
-    from dpldm.cli import DPLDMCLI
+    from dpldm.commands.lightning_cli import DPLDMCLI
     from dpldm.runs import load_weights, run_config
 
     args = parse_args(argv)

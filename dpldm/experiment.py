@@ -184,7 +184,7 @@ def references(size: str, args: argparse.Namespace, missing: tuple[str, ...] = R
     what any model in that latent space could reach at best). Private at epsilon = 0: ``public_model``, the
     metrics of the public LDM itself, before any private step (what fine-tuning has to add to)."""
     from dpldm.callbacks.evaluation import DownstreamAccuracy, SampleMetric
-    from dpldm.cli import DPLDMCLI
+    from dpldm.commands.lightning_cli import DPLDMCLI
 
     cli = DPLDMCLI(args=["--config", os.path.join(args.configs, SIZES[size].config), *base_overrides(size, args)],
                    run=False)

@@ -21,7 +21,7 @@ from lightning.pytorch.loggers import WandbLogger
 
 from dpldm.callbacks.evaluation import DownstreamAccuracy, SampleMetric, real_images
 from dpldm.callbacks.samples import SampleGrid
-from dpldm.cli import DPLDMCLI
+from dpldm.commands.lightning_cli import DPLDMCLI
 
 
 METRIC_LABELS = {

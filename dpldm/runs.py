@@ -147,7 +147,7 @@ def load_run(run_dir: str, checkpoint: str | None = None) -> L.LightningModule:
 
 def load_run_and_data(run_dir: str, checkpoint: str | None = None) -> tuple[L.LightningModule, L.LightningDataModule, str]:
     """:func:`load_run`, plus the run's DataModule (not set up) and the checkpoint file that was loaded."""
-    from dpldm.cli import DPLDMCLI
+    from dpldm.commands.lightning_cli import DPLDMCLI
 
     cfg = run_config(run_dir)
     cfg["trainer"]["logger"] = False

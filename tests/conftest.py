@@ -185,3 +185,17 @@ def write_tiny_ldm_text(folder, vq: bool = False):
                  vqvae=["diffusers", "VQModel" if vq else "AutoencoderKL"], scheduler=["diffusers", "DDPMScheduler"],
                  bert=["latent_diffusion", "LDMBertModel"], tokenizer=["transformers", "BertTokenizer"])
     return folder
+
+
+def user_error(capsys, argv: list[str]) -> str:
+    """``dpldm ARGV``, which must fail as a user error: exit status 2 and at most 10 lines on stderr (the message,
+    naming the field); returns them."""
+    from dpldm.cli import main
+
+    capsys.readouterr()  # what came before
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    message = capsys.readouterr().err
+    assert 0 < len(message.strip().splitlines()) <= 10, message
+    return message

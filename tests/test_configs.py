@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dpldm.cli import DPLDMCLI
+from dpldm.commands.lightning_cli import DPLDMCLI
 from dpldm.modules.diffusion import check_data_compatible
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -184,7 +184,7 @@ def test_references_score_real_data_reconstructions_and_the_untrained_public_mod
     """DPImageBench's reference CNN trains on every real training image (the quickstart's on as many as it gets
     samples); the autoencoder's on as many reconstructions as samples; the public model is scored by every metric
     callback of the config, on its own samples, before any private step."""
-    import dpldm.cli
+    import dpldm.commands.lightning_cli
     from dpldm.callbacks.evaluation import FID, DownstreamAccuracy
 
     acc, fid = DownstreamAccuracy(num_samples=1000), FID.__new__(FID)
@@ -193,7 +193,7 @@ def test_references_score_real_data_reconstructions_and_the_untrained_public_mod
     model = SimpleNamespace(autoencoder="the public autoencoder", training=True)
     model.eval = lambda: setattr(model, "training", False) or model
     cli = SimpleNamespace(trainer=SimpleNamespace(callbacks=[acc, fid]), model=model, datamodule="data")
-    monkeypatch.setattr(dpldm.cli, "DPLDMCLI", lambda args, run: cli)
+    monkeypatch.setattr(dpldm.commands.lightning_cli, "DPLDMCLI", lambda args, run: cli)
     seen = []
     monkeypatch.setattr(experiment, "real_data_ceiling", lambda data, metric, autoencoder=None, max_items=None:
                         seen.append((autoencoder, max_items)) or 0.9)

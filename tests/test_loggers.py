@@ -51,7 +51,7 @@ def test_cli_logs_to_csv_and_wandb_by_default(no_wandb_env):
 
     from lightning.pytorch.loggers import CSVLogger
 
-    from dpldm.cli import DPLDMCLI
+    from dpldm.commands.lightning_cli import DPLDMCLI
 
     config = Path(__file__).resolve().parents[1] / "configs" / "quickstart" / "autoencoder.yaml"
     cli = DPLDMCLI(args=["--config", str(config)], run=False)
@@ -60,7 +60,7 @@ def test_cli_logs_to_csv_and_wandb_by_default(no_wandb_env):
 
 
 def _fit(config: str, *extra: str):
-    from dpldm.cli import DPLDMCLI
+    from dpldm.commands.lightning_cli import DPLDMCLI
 
     return DPLDMCLI(args=["fit", "--config", config, *extra])
 
@@ -68,7 +68,7 @@ def _fit(config: str, *extra: str):
 def test_wandb_mode_disabled_means_no_wandb_logger(monkeypatch, tmp_path):
     from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 
-    from dpldm.cli import DPLDMCLI
+    from dpldm.commands.lightning_cli import DPLDMCLI
     from tests.privacy.tiny_fit import tiny_dp_config
 
     monkeypatch.setenv("WANDB_MODE", "disabled")

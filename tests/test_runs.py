@@ -136,7 +136,7 @@ def test_export_loads_with_diffusers_alone_and_samples_as_the_run_does(project, 
 def test_a_lora_run_exports_merged_into_a_plain_unet(project, tmp_path, monkeypatch):
     from diffusers import DiffusionPipeline
 
-    from dpldm.cli import DPLDMCLI
+    from dpldm.commands.lightning_cli import DPLDMCLI
     from tests.test_quickstart import TINY
 
     monkeypatch.chdir(project)

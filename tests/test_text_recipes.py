@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpldm.cli import DPLDMCLI, main
+from dpldm.cli import main
+from dpldm.commands.lightning_cli import DPLDMCLI
 from dpldm.runs import load_run
 from tests.conftest import write_tiny_ldm_text, write_tiny_sd
 from tests.shards import write_shards

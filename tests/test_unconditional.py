@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dpldm.cli import DPLDMCLI, main
+from dpldm.cli import main
+from dpldm.commands.lightning_cli import DPLDMCLI
 from dpldm.runs import load_run
 from tests.test_runs import REPO
 

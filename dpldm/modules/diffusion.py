@@ -179,6 +179,8 @@ class LatentDiffusion(L.LightningModule):
         n_train, n_all = count(self.trainable_parameters()), count(list(self.parameters()))
         self.print(f"trainable scope: {n_train:,} of {n_all:,} parameters ({n_train / n_all:.1%}); "
                    f"{1 - n_train / n_all:.1%} fewer than training everything")
+        if self.dp is not None:
+            self.print(self.dp.describe())
         for logger in self.trainer.loggers:
             logger.log_hyperparams({"scope/trained_parameters": n_train, "scope/total_parameters": n_all,
                                     "scope/reduction": 1 - n_train / n_all})

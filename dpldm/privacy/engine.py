@@ -137,6 +137,18 @@ class DPSGDEngine:
                               f"already taken spend epsilon = {self.accountant.epsilon():.4g} ({err})") from None
         return sigma, self._steps_allowed(sigma)
 
+    def describe(self) -> str:
+        """The plan in one line, as a DP fit starts: N, B and q, T, sigma and where it comes from, (epsilon, delta),
+        the accountant, C."""
+        s, p, done = self.settings, self.plan, self.accountant.steps
+        sigma = (f"sigma = {self.noise_multiplier:.4g} (set)" if s.noise_multiplier is not None else
+                 f"sigma = {self.noise_multiplier:.4g} (calibrated)")
+        target = f"target epsilon = {s.epsilon:g}" if s.epsilon is not None else "no epsilon target"
+        resumed = f", {done} already taken" if done else ""
+        return (f"DP-SGD plan: N = {p.num_samples:,}, expected batch B = {p.expected_batch_size:,} (Poisson, q = "
+                f"{p.sample_rate:.4g}), T = {p.planned_steps:,} steps{resumed}, {sigma}, {target} at delta = "
+                f"{p.delta:.3g} ({s.accountant.upper()} accountant), C = {s.max_grad_norm:g}")
+
     def _steps_allowed(self, sigma: float) -> int | None:
         """Total steps (those taken included) within the target epsilon at sigma, up to the plan."""
         s, p, done = self.settings, self.plan, self.accountant.steps

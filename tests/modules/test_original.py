@@ -142,7 +142,8 @@ def test_a_dp_fit_from_a_compvis_checkpoint_exports_without_it(tmp_path, monkeyp
     does with the checkpoint file deleted, and the model card hashes the file it started from."""
     from diffusers import DiffusionPipeline
 
-    from dpldm.cli import DPLDMCLI, main
+    from dpldm.cli import main
+from dpldm.commands.lightning_cli import DPLDMCLI
     from dpldm.runs import load_run
     from tests.test_runs import REPO
 

@@ -114,7 +114,7 @@ def test_lightning_ddp_fit_on_two_processes(tmp_path):
     assert q == pytest.approx(16 / DigitsDataModule(image_size=8).num_train_samples, rel=1e-12)  # the global q
     assert done.stderr.count("DP-SGD: epsilon") + done.stdout.count("DP-SGD: epsilon") == 1
 
-    from dpldm.cli import DPLDMCLI
+    from dpldm.commands.lightning_cli import DPLDMCLI
 
     initial = DPLDMCLI(args=["--config", cfg, "--trainer.logger=false"], run=False).model  # same seed: same init
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)

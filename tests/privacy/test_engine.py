@@ -229,3 +229,16 @@ def test_engine_step_with_clipping_matches_manual_dp_sgd():
             p -= t / expected_b
     for a, b in zip(model.net.parameters(), params):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_the_plan_printed_at_fit_start_is_the_one_accounted():
+    """N, B, q, T, the calibrated sigma, (epsilon, delta), the accountant and C: what a DP fit prints first."""
+    from dpldm.privacy.accounting import calibrate_noise
+
+    model = make_model()
+    settings = DifferentialPrivacy(epsilon=3.0, max_grad_norm=0.5, seed=0)
+    plan = PrivacyPlan(num_samples=1000, expected_batch_size=50, sample_rate=0.05, delta=1e-4, planned_steps=40)
+    line = DPSGDEngine(settings, plan, model.trained_modules).describe()
+    sigma = calibrate_noise(3.0, 1e-4, 0.05, 40, "prv")
+    assert (f"N = 1,000, expected batch B = 50 (Poisson, q = 0.05), T = 40 steps, sigma = {sigma:.4g} (calibrated), "
+            "target epsilon = 3 at delta = 0.0001 (PRV accountant), C = 0.5") in line
