@@ -24,8 +24,8 @@ import numpy as np
 import torch
 import yaml
 
-from dpldm.experiment import CONFIGS, METHODS, PRIVACY, SIZES, finetune_settings, method_overrides, public_overlays
-from dpldm.quickstart import pretrained_overrides
+from dpldm.commands.experiment import CONFIGS, METHODS, PRIVACY, SIZES, finetune_settings, method_overrides, public_overlays
+from dpldm.commands.quickstart import pretrained_overrides
 
 
 def public_glyphs(size: str, examples: int) -> dict:
@@ -80,7 +80,7 @@ def main() -> None:
         trained = sum(p.numel() for p in model.trainable_parameters())
         print(f"{method:<10} {trained:>10,}  " + " ".join(f"{x:8.4f}" for x in q)
               + f"  {norms.max():8.4f}  {c:6g}  {c / q[2]:8.2f}", flush=True)
-    print(f"(public glyphs: {args.examples}; C: {PRIVACY}.max_grad_norm per method, dpldm.experiment.SIZES)")
+    print(f"(public glyphs: {args.examples}; C: {PRIVACY}.max_grad_norm per method, dpldm.commands.experiment.SIZES)")
 
 
 if __name__ == "__main__":

@@ -17,15 +17,15 @@ COMMANDS = {
     "fit": ("", "train a stage from a YAML config (DP-SGD when the config has privacy)"),
     "validate": ("", "run a config's validation loop on a checkpoint (public data only)"),
     "predict": ("", "sample the test split's conditions with a checkpoint (files via SampleWriter)"),
-    "quickstart": ("dpldm.quickstart", "the whole method end to end on scikit-learn's digits (CPU, minutes)"),
+    "quickstart": ("dpldm.commands.quickstart", "the whole method end to end on scikit-learn's digits (CPU, minutes)"),
     "cache": ("dpldm.commands.cache", "build or check the latent cache a fit config trains on"),
-    "sample": ("dpldm.sample", "images from a finished run, for class labels or a prompts file"),
-    "evaluate": ("dpldm.evaluate", "a run's metrics (FID, downstream accuracy, CLIP score) on a checkpoint"),
+    "sample": ("dpldm.commands.sample", "images from a finished run, for class labels or a prompts file"),
+    "evaluate": ("dpldm.commands.evaluate", "a run's metrics (FID, downstream accuracy, CLIP score) on a checkpoint"),
     "export": ("dpldm.export", "a run as a diffusers pipeline folder with its privacy model card"),
-    "privacy": ("dpldm.privacy.calculator", "the privacy calculator: sigma for a target epsilon, or epsilon"),
-    "sweep": ("dpldm.sweep", "run a W&B sweep file locally (grid/random over epsilon, C, ...)"),
-    "audit": ("dpldm.audit", "an empirical privacy audit with canaries (a lower bound on epsilon)"),
-    "experiment": ("dpldm.experiment", "the privacy-utility comparison of every method on digits/MNIST/Fashion"),
+    "privacy": ("dpldm.commands.privacy", "the privacy calculator: sigma for a target epsilon, or epsilon"),
+    "sweep": ("dpldm.commands.sweep", "run a W&B sweep file locally (grid/random over epsilon, C, ...)"),
+    "audit": ("dpldm.audit.run", "an empirical privacy audit with canaries (a lower bound on epsilon)"),
+    "experiment": ("dpldm.commands.experiment", "the privacy-utility comparison of every method on digits/MNIST/Fashion"),
 }
 LIGHTNING = ("fit", "validate", "predict")
 USER_ERRORS = ("ConfigError", "PretrainedNotFoundError", "PretrainedMismatchError", "CacheMismatchError")

@@ -7,9 +7,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dpldm import experiment
-from dpldm.experiment import METHODS, method_overrides
-from dpldm.experiment_report import render
+from dpldm.commands import experiment
+from dpldm.commands.experiment import METHODS, method_overrides
+from dpldm.commands.experiment_report import render
 from dpldm.modules import build_unet, load_unet
 from tests.conftest import TINY_UNET
 
@@ -127,7 +127,7 @@ def test_the_plan_is_seed_major_resumes_after_an_interruption_and_scores_real_da
 
 def test_the_autoencoder_reference_trains_on_reconstructions(one_thread):
     from dpldm.datamodules import DigitsDataModule
-    from dpldm.quickstart import real_data_ceiling
+    from dpldm.commands.quickstart import real_data_ceiling
 
     class Through:  # a stand-in autoencoder: decode(encode(x)) = keep * x
         def __init__(self, keep: float):

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from dpldm import quickstart
+from dpldm.commands import quickstart
 from dpldm.commands.lightning_cli import DPLDMCLI
 from dpldm.errors import ConfigError
 from tests.conftest import user_error

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from dpldm import quickstart
+from dpldm.commands import quickstart
 from dpldm.cli import main
 from dpldm.runs import load_run
 from tests.test_quickstart import tiny_args

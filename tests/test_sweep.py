@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dpldm import sweep as sweep_module
+from dpldm.commands import sweep as sweep_module
 from dpldm.errors import ConfigError
 from dpldm.privacy.accounting import PrivacyAccountant
-from dpldm.sweep import expand, fit_command, load_sweep, main
+from dpldm.commands.sweep import expand, fit_command, load_sweep, main
 from tests.privacy.tiny_fit import tiny_dp_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dpldm.sweep import expand, load_sweep, read_run
+from dpldm.commands.sweep import expand, load_sweep, read_run
 from tests.privacy.tiny_fit import tiny_dp_config
 
 ROOT = Path(__file__).resolve().parents[1]

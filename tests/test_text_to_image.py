@@ -9,7 +9,6 @@ import pytest
 from dpldm.cli import main
 from dpldm.commands.cache import main as cache
 from dpldm.datamodules.cache_writer import CacheMismatchError
-from dpldm.errors import ConfigError
 from tests.conftest import user_error
 from tests.shards import write_shards
 

@@ -346,8 +346,9 @@ class CLIPScore(SampleMetric):
                  num_samples: int = 1000, every_n_epochs: int = 0, sampling: SampleSettings | None = None):
         super().__init__(num_samples, every_n_epochs, sampling)
         if prompts_file is not None:
-            with open(prompts_file) as f:
-                prompts = [line.strip() for line in f if line.strip()]
+            from dpldm.utils.files import read_prompts
+
+            prompts = read_prompts(prompts_file, "CLIPScore.prompts_file")
         if not prompts:
             raise ConfigError("CLIPScore.prompts", prompts, "give prompts or a non-empty prompts_file")
         self.prompts = prompts

@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from dpldm.utils.images import save_grid
+from dpldm.utils.images import GRID_LIMIT, save_grid, write_samples
 
 
 def grid_conditions(model: L.LightningModule, per_class: int, prompts: list[str] | None) -> tuple[object, int]:
@@ -76,8 +76,6 @@ class SampleWriter(BasePredictionWriter):
 
     def write_on_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, predictions: list,
                            batch_indices: list) -> None:
-        from dpldm.sample import write_samples
-
         batches = predictions[0] if predictions and isinstance(predictions[0], list) else predictions  # 1 loader
         if not batches:
             return
@@ -85,5 +83,6 @@ class SampleWriter(BasePredictionWriter):
         out = os.path.join(out, f"rank{trainer.global_rank}") if trainer.world_size > 1 else out
         images = torch.cat([b["images"] for b in batches])  # [N, C, H, W]
         conds = [c for b in batches for c in b["cond"]]
-        write_samples(images, conds, out, nrow=min(8, len(conds)), grid_limit=64)
-        rank_zero_info(f"{len(conds)} predicted samples -> {out}/ (PNGs, samples.npz, grid.png of the first 64)")
+        write_samples(images, conds, out, nrow=min(8, len(conds)))
+        rank_zero_info(f"{len(conds)} predicted samples -> {out}/ (PNGs, samples.npz, grid.png of the first "
+                       f"{min(len(conds), GRID_LIMIT)})")

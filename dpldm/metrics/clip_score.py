@@ -33,7 +33,7 @@ class CLIPScore:
                  checkpoint: str | None = None, device: str = "cpu", batch_size: int = 64):
         import open_clip
 
-        from dpldm.modules.conditioning import resolve_open_clip
+        from dpldm.utils.open_clip_names import resolve_open_clip
 
         model_name, pretrained = resolve_open_clip(model_name, pretrained, "model_name")
         if checkpoint is not None and not os.path.isfile(checkpoint):

@@ -24,6 +24,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from dpldm.errors import ConfigError
+from dpldm.utils.images import load_image
 
 T = TypeVar("T")
 INCEPTION_DIR = "./" if platform.system() == "Windows" else "/tmp"  # where cleanfid.features looks
@@ -211,18 +212,6 @@ def named_reference_stats(name: str, split: str = "train", resolution: int = 32,
     return FeatureStats(np.asarray(mu, np.float64), np.asarray(sigma, np.float64))
 
 
-def _load_image(file: str, size: int, mode: str) -> Tensor:  # -> [C, S, S] in [-1, 1]
-    with Image.open(file) as image:
-        image = image.convert(mode)
-    w, h = image.size
-    scale = size / min(w, h)
-    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-    image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)  # shorter side -> S (antialiased)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    pixels = np.array(image.crop((left, top, left + size, top + size)), dtype=np.uint8).reshape(size, size, -1)
-    return torch.from_numpy(pixels).permute(2, 0, 1).float() / 127.5 - 1.0  # fixed affine
-
-
 def _image_files(path: str) -> list[str]:
     """The image files under ``path`` (recursively, sorted); ConfigError naming ``reference_dir`` if none."""
     files = sorted(os.path.join(root, f) for root, _, names in os.walk(path) for f in names
@@ -242,7 +231,7 @@ def folder_images(path: str, image_size: int, channels: int, batch_size: int = 6
 
     def batches() -> Iterator[Tensor]:
         for i in range(0, len(files), batch_size):
-            yield torch.stack([_load_image(f, image_size, mode) for f in files[i:i + batch_size]])
+            yield torch.stack([load_image(f, image_size, mode) for f in files[i:i + batch_size]])
 
     return batches()
 

@@ -127,13 +127,13 @@ class FrozenAutoencoder(nn.Module):
         return self.vae.encode(images).latent_dist.parameters
 
     @torch.no_grad()
-    def from_moments(self, moments: Tensor) -> Tensor:
-        """posterior moments [B, 2c, h, w] -> scaled latents [B, c, h, w] (a sample of q(z|x) or its mean);
-        VQ encodings [B, c, h, w] -> scaled, as they are."""
+    def from_moments(self, moments: Tensor, mean: bool = False) -> Tensor:
+        """posterior moments [B, 2c, h, w] -> scaled latents [B, c, h, w] (a sample of q(z|x), or its mean when
+        not ``sample_posterior`` or ``mean``); VQ encodings [B, c, h, w] -> scaled, as they are."""
         if self.quantised:
             return moments * self.scale_factor
         posterior = DiagonalGaussianDistribution(moments)
-        z = posterior.sample() if self.sample_posterior else posterior.mode()
+        z = posterior.sample() if self.sample_posterior and not mean else posterior.mode()
         return z * self.scale_factor
 
     @torch.no_grad()

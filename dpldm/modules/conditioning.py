@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dpldm.utils.open_clip_names import resolve_open_clip
+
 
 class Conditioner(nn.Module):
     """Interface: ``input_key`` names the batch entry; ``embed_dim`` is the token width D.
@@ -129,27 +131,6 @@ class Unconditional(Conditioner):
 
     def null(self, batch_size: int) -> Tensor:
         return torch.zeros(batch_size, dtype=torch.long)
-
-
-def resolve_open_clip(model_name: str, pretrained: str | None, field: str) -> tuple[str, str | None]:
-    """open_clip's (architecture name, pretrained tag) for our config values.
-
-    Args:
-        model_name: an open_clip architecture, or a JSON architecture file (registered under its stem).
-        pretrained: a tag; ``none``/``null``/empty mean random weights (``--...pretrained null`` on the
-            command line arrives as the string "None").
-        field: the config key of ``model_name``, for the error.
-    """
-    import open_clip
-
-    if isinstance(pretrained, str) and pretrained.lower() in ("none", "null", ""):
-        pretrained = None
-    if model_name.endswith(".json"):
-        if not os.path.isfile(model_name):
-            raise FileNotFoundError(f"{field} = {model_name!r}: no such open_clip architecture file")
-        open_clip.add_model_config(model_name)
-        model_name = os.path.splitext(os.path.basename(model_name))[0]
-    return model_name, pretrained
 
 
 class FrozenTextEncoder(Conditioner):

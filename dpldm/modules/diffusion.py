@@ -153,10 +153,10 @@ class LatentDiffusion(L.LightningModule):
         trainer = self.trainer
         p = plan(self.privacy, num_samples, dm.batch_size, trainer.max_steps, trainer.max_epochs)
         self.dp = DPSGDEngine(self.privacy, p, self.trained_modules, start_step=trainer.global_step,
-                              rank=trainer.global_rank)
+                              rank=trainer.global_rank, world_size=trainer.world_size)
 
     def _setup_privacy(self, dm: object) -> None:
-        """Plan the accounting if the preflight could not, and switch the data to Poisson sampling."""
+        """Plan the accounting if the preflight could not, and hand the training loader to the DP engine."""
         if dm is None or not hasattr(dm, "num_train_samples"):
             raise ConfigError("data", type(dm).__name__,
                               "a DP stage needs a map-style dataset of known size N (num_train_samples) for Poisson "
@@ -166,11 +166,8 @@ class LatentDiffusion(L.LightningModule):
             self.dp = None
         if self.dp is None:
             self._plan_privacy(dm, dm.num_train_samples)
-        trainer = self.trainer
-        # Under DDP each rank Poisson-samples its own shard at the global q (dpldm.privacy.sampling).
-        dm.poisson_shard = (trainer.global_rank, trainer.world_size)
-        dm.poisson_secure = self.privacy.secure_mode
-        dm.poisson_seed = self.dp.sampler_seed(trainer.global_step)
+        # Poisson sampling at the accounted q, decided in one place: under DDP each rank samples its own shard.
+        dm.train_loader_factory = self.dp.train_loader
 
     def on_fit_start(self) -> None:
         # Lightning keeps submodule modes as found; a UNet from `from_pretrained` arrives in eval mode.
@@ -292,8 +289,7 @@ class LatentDiffusion(L.LightningModule):
             # Resuming (after setup, before the loaders exist): continue the same accountant, and draw
             # fresh sampling and noise streams for the remaining steps (never replay the first ones).
             step = checkpoint["global_step"]
-            self.dp.resume(checkpoint["privacy"]["accountant"], step)
-            self.trainer.datamodule.poisson_seed = self.dp.sampler_seed(step)
+            self.dp.resume(checkpoint["privacy"]["accountant"], step)  # the loader samples from this step on
 
     @contextlib.contextmanager
     def ema_weights(self) -> Iterator[None]:

@@ -70,6 +70,8 @@ def denoising_loss(
     timesteps: TimestepSampler,
     weighting: LossWeighting,
     noise_draws: int = 1,
+    t: Tensor | None = None,
+    noise: Tensor | None = None,
 ) -> Tensor:
     """Per-example loss: the mean over K (t, noise) draws of w(t) * ||target - net(z_t, t, c)||^2 / dim.
 
@@ -81,6 +83,8 @@ def denoising_loss(
         timesteps: how t is drawn.
         weighting: w(t).
         noise_draws: K draws per example.
+        t: fixed timesteps [B*K] (the K of an example adjacent) instead of drawn ones (the audit's scores).
+        noise: fixed noise [B*K, c, h, w] instead of drawn noise.
 
     Returns:
         Loss per example [B].
@@ -88,8 +92,9 @@ def denoising_loss(
     b = latents.shape[0]
     z0 = latents.repeat_interleave(noise_draws, 0)  # [B*K, c, h, w], draws of one example adjacent
     ctx = None if context is None else context.repeat_interleave(noise_draws, 0)  # [B*K, T, D]
-    t = timesteps(z0.shape[0], scheduler.config.num_train_timesteps, z0.device)  # [B*K]
-    noise = torch.randn_like(z0)
+    if t is None:
+        t = timesteps(z0.shape[0], scheduler.config.num_train_timesteps, z0.device)  # [B*K]
+    noise = torch.randn_like(z0) if noise is None else noise
     z_t = scheduler.add_noise(z0, noise, t)
     kind = scheduler.config.prediction_type
     if kind not in ("epsilon", "v_prediction", "sample"):

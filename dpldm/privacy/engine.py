@@ -26,11 +26,13 @@ import torch
 from opacus.grad_sample import GradSampleHooks
 from opacus.optimizers import DPOptimizer
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
 
 from dpldm.errors import ConfigError
 from dpldm.privacy.accounting import PrivacyAccountant, calibrate_noise, epsilon_for, max_steps_within
 from dpldm.privacy.clipping import BookKeepingClipper, SummedGradDPOptimizer, full_precision
 from dpldm.privacy.distributed import GlobalBatchNoise
+from dpldm.privacy.sampling import poisson_loader
 from dpldm.privacy.settings import FIELD, DifferentialPrivacy, PrivacyPlan
 
 # Opacus's backward hooks on the first trained layer, whose inputs need no gradient: expected, harmless.
@@ -106,8 +108,8 @@ class DPSGDEngine:
     """
 
     def __init__(self, settings: DifferentialPrivacy, plan: PrivacyPlan, trained: Sequence[nn.Module],
-                 start_step: int = 0, rank: int = 0):
-        self.settings, self.plan, self.rank = settings, plan, rank
+                 start_step: int = 0, rank: int = 0, world_size: int = 1):
+        self.settings, self.plan, self.rank, self.world_size = settings, plan, rank, world_size
         self.nonfinite_examples = 0  # examples whose gradient was not finite, zeroed (a private count: not logged)
         self.params = [p for m in trained for p in m.parameters() if p.requires_grad]
         self.accountant = PrivacyAccountant(settings.accountant, plan.delta)
@@ -192,6 +194,14 @@ class DPSGDEngine:
     def sampler_seed(self, step: int) -> int:
         """Seed of this rank's Poisson sampler from ``step`` on: independent across ranks and resumptions."""
         return derive_seed(self.seed, step, 2, self.rank)
+
+    def train_loader(self, dataset: Dataset, num_workers: int = 0) -> DataLoader:
+        """The training loader of a DP stage, the one place its batches are decided: Poisson samples at the
+        accounted q = B / N over this rank's shard (:mod:`dpldm.privacy.sampling`), from this rank's stream at
+        the step the accountant has reached (fresh after a resume, never a replay), secure when asked."""
+        return poisson_loader(dataset, self.plan.expected_batch_size, self.sampler_seed(self.accountant.steps),
+                              num_workers, rank=self.rank, world_size=self.world_size,
+                              secure=self.settings.secure_mode)
 
     def wrap(self, optimizer: torch.optim.Optimizer) -> DPOptimizer:
         """The optimizer that clips, noises and divides by B before its step."""

@@ -8,7 +8,7 @@ from torch.utils.data import IterableDataset
 from dpldm.datamodules import DigitsDataModule, LatentCacheDataModule, LatentCacheDataset
 from dpldm.datamodules import cache_writer
 from dpldm.datamodules.cache_writer import CacheMismatchError
-from dpldm.privacy.sampling import poisson_rate
+from dpldm.privacy.sampling import poisson_loader, poisson_rate
 from tests.conftest import TINY_AE
 
 
@@ -137,7 +137,7 @@ def test_poisson_batches_are_drawn_over_the_caches_records(tiny_model, tmp_path)
     dm = cached(tmp_path, batch_size=64)
     dm.build(tiny_model)
     dm.setup("fit")
-    dm.poisson_seed = 3
+    dm.train_loader_factory = lambda dataset, workers: poisson_loader(dataset, dm.batch_size, 3, workers)  # DP's
     loader = dm.train_dataloader()
     n = dm.num_train_samples
     assert n == 1437 and loader.batch_sampler.num_samples == n

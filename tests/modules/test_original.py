@@ -143,7 +143,7 @@ def test_a_dp_fit_from_a_compvis_checkpoint_exports_without_it(tmp_path, monkeyp
     from diffusers import DiffusionPipeline
 
     from dpldm.cli import main
-from dpldm.commands.lightning_cli import DPLDMCLI
+    from dpldm.commands.lightning_cli import DPLDMCLI
     from dpldm.runs import load_run
     from tests.test_runs import REPO
 

@@ -170,7 +170,7 @@ def test_distributed_sampler_must_be_off(tmp_path):
 def test_refuses_to_train_without_the_poisson_sampler(tmp_path):
     class Shuffled(DigitsDataModule):  # a data module that ignores the DP model's request for Poisson sampling
         def train_dataloader(self):
-            self.poisson_seed = None
+            self.train_loader_factory = None
             return super().train_dataloader()
 
     with pytest.raises(RuntimeError, match="without the Poisson sampler"):

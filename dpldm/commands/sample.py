@@ -12,10 +12,10 @@ import os
 
 import numpy as np
 import torch
-from torchvision.utils import save_image
 
 from dpldm.errors import ConfigError
-from dpldm.utils.images import save_grid
+from dpldm.utils.files import read_prompts
+from dpldm.utils.images import grid_layout, write_samples
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -46,10 +46,7 @@ def conditions(model: torch.nn.Module, prompts: str | None, labels: list[str] | 
     if prompts is not None:
         if key != "caption":
             raise ConfigError("--prompts", prompts, f"this model is conditioned on {key!r}; use --labels")
-        with open(prompts) as f:
-            items = [line.strip() for line in f if line.strip()]
-        if not items:
-            raise ConfigError("--prompts", prompts, "holds no prompt (one per line)")
+        items = read_prompts(prompts, "--prompts")
     else:
         if key != "label":
             raise ConfigError("--labels", labels, f"this model is conditioned on {key!r}; use --prompts")
@@ -66,9 +63,10 @@ def conditions(model: torch.nn.Module, prompts: str | None, labels: list[str] | 
 
 
 def sample(model: torch.nn.Module, conds: list, out: str, batch_size: int = 64, seed: int = 0,
-           guidance: float | None = None, steps: int | None = None, eta: float = 0.0, nrow: int = 8,
+           guidance: float | None = None, steps: int | None = None, eta: float = 0.0, nrow: int = 1,
            solver: str | None = None) -> np.ndarray:
-    """Sample one image per condition and write PNGs, ``samples.npz`` and ``grid.png`` to ``out``.
+    """Sample one image per condition and write PNGs, ``samples.npz`` and ``grid.png`` to ``out``
+    (:func:`~dpldm.utils.images.grid_layout`: ``nrow`` is how often each condition repeats in ``conds``).
 
     Returns:
         uint8 images [N, H, W, C].
@@ -83,25 +81,10 @@ def sample(model: torch.nn.Module, conds: list, out: str, batch_size: int = 64, 
         cond = chunk if isinstance(chunk[0], str) else torch.tensor(chunk, device=device)
         gen = torch.Generator(device).manual_seed(seed + k)
         images.append(model.sample(cond, guidance, steps, generator=gen, eta=eta, solver=solver).cpu())
-    return write_samples(torch.cat(images), conds, out, nrow)
-
-
-def write_samples(x: torch.Tensor, conds: list, out: str, nrow: int = 8, grid_limit: int | None = None) -> np.ndarray:
-    """Write images [N, C, H, W] in [-1, 1] as PNGs, ``samples.npz`` (uint8 images and their conditions) and
-    ``grid.png`` (of the first ``grid_limit`` images; default all) to ``out``.
-
-    Returns:
-        uint8 images [N, H, W, C].
-    """
-    os.makedirs(out, exist_ok=True)
-    save_grid(x[:grid_limit], os.path.join(out, "grid.png"), nrow)
-    x = (x + 1) / 2
-    for i, img in enumerate(x):
-        save_image(img, os.path.join(out, f"{i:05d}.png"))
-    uint8 = (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # [N, H, W, C]
-    key = "prompts" if isinstance(conds[0], str) else "labels"
-    np.savez(os.path.join(out, "samples.npz"), images=uint8, **{key: np.array(conds)})
-    return uint8
+    index, per_row = grid_layout(len(conds), nrow)
+    if len(index) < len(conds):
+        print(f"grid.png shows {len(index)} of the {len(conds)} samples ({per_row} a row); all are in {out}/")
+    return write_samples(torch.cat(images), conds, out, per_row, grid_index=index)
 
 
 def main(argv: list[str]) -> None:
@@ -111,6 +94,6 @@ def main(argv: list[str]) -> None:
     model = load_run(args.run, args.ckpt).to(args.device)
     conds = conditions(model, args.prompts, args.labels, args.repeat)
     out = args.out or os.path.join(args.run, "samples")
-    nrow = args.repeat if args.repeat > 1 else min(8, len(conds))
-    sample(model, conds, out, args.batch_size, args.seed, args.guidance, args.steps, args.eta, nrow, args.solver)
+    sample(model, conds, out, args.batch_size, args.seed, args.guidance, args.steps, args.eta, args.repeat,
+           args.solver)
     print(f"{len(conds)} samples -> {out}/ (PNGs, samples.npz, grid.png)")

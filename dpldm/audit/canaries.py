@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, IterableDataset
 
 from dpldm.errors import ConfigError
+from dpldm.modules.loss import denoising_loss
 
 # Streams of randomness derived from --seed: canary content, the secret mask, the negative control's
 # fresh mask, the scorer's noise: each from its own numpy SeedSequence([seed, stream]).
@@ -219,6 +220,7 @@ def inject(dm: object, canaries: dict, included: np.ndarray) -> CanaryDataset:
 
 
 @torch.no_grad()
+@torch.no_grad()
 def canary_losses(model: torch.nn.Module, canaries: dict, draws: int = 8, seed: int = 0,
                   t_range: tuple[float, float] = (0.05, 0.3), batch_size: int = 64,
                   device: str | torch.device | None = None) -> np.ndarray:
@@ -230,7 +232,9 @@ def canary_losses(model: torch.nn.Module, canaries: dict, draws: int = 8, seed: 
     denoiser that has not seen a random canary still errs by about its prior variance while one that
     memorised it errs little (at high t both mostly predict the noise from z_t); on the tiny test model it
     gave AUC 0.92 vs 0.89 for [0.3 T, 0.6 T] (and a larger eps_lb). The model is in
-    eval mode (no condition dropout) with its EMA weights when it keeps them (the released weights).
+    eval mode (no condition dropout) with its EMA weights when it keeps them (the released weights). The loss is
+    the training objective itself (:func:`~dpldm.modules.loss.denoising_loss`: its target and weighting) at
+    those fixed draws, on the posterior mean of each canary's latent.
 
     Args:
         model: a :class:`dpldm.modules.LatentDiffusion`.
@@ -259,22 +263,18 @@ def canary_losses(model: torch.nn.Module, canaries: dict, draws: int = 8, seed: 
             for start in range(0, m, batch_size):
                 batch = {k: v[start:start + batch_size] for k, v in canaries.items()}
                 b = num_canaries(batch)
-                if "moments" in batch:  # posterior mean [b, c, h, w], scaled (deterministic)
+                if "moments" in batch:  # cached posterior moments (or VQ encodings)
                     moments = batch["moments"].to(device)
                 else:
                     moments = model.autoencoder.moments(batch["image"].to(device))
-                z0 = moments[:, :moments.shape[1] // 2] * model.autoencoder.scale_factor  # [b, c, h, w]
+                z0 = model.autoencoder.from_moments(moments, mean=True)  # [b, c, h, w], deterministic
                 cond = model.conditioner.select(batch)
                 context = model.conditioner(cond.to(device) if isinstance(cond, Tensor) else cond)  # [b, T, D]
-                z0 = z0.repeat_interleave(draws, 0)  # [b*K, c, h, w], draws of one canary adjacent
-                ctx = context.repeat_interleave(draws, 0)  # [b*K, T, D]
-                tt = t.repeat(b).to(device)  # [b*K]
+                tt = t.repeat(b).to(device)  # [b*K], the K draws of one canary adjacent
                 eps = noise[start:start + b].flatten(0, 1).to(device)  # [b*K, c, h, w]
-                z_t = sched.add_noise(z0, eps, tt)
-                target = sched.get_velocity(z0, eps, tt) if sched.config.prediction_type == "v_prediction" else eps
-                pred = model.unet(z_t, tt, encoder_hidden_states=ctx).sample
-                per_draw = (pred.float() - target.float()).pow(2).flatten(1).mean(1)  # [b*K]
-                losses.append(per_draw.view(b, draws).mean(1).double().cpu())  # [b]
+                loss = denoising_loss(model.unet, z0, context, sched, model.timesteps, model.weighting, draws,
+                                      t=tt, noise=eps)  # the training objective at fixed (t, noise) [b]
+                losses.append(loss.double().cpu())
     finally:
         model.to(home).train(was_training)
     out = torch.cat(losses).numpy()

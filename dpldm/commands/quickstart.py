@@ -21,6 +21,7 @@ from lightning.pytorch.loggers import WandbLogger
 
 from dpldm.callbacks.evaluation import DownstreamAccuracy, SampleMetric, real_images
 from dpldm.callbacks.samples import SampleGrid
+from dpldm.commands import CONFIGS
 from dpldm.commands.lightning_cli import DPLDMCLI
 
 
@@ -46,8 +47,7 @@ class StageResult:
 
 def config_dir() -> str:
     """``configs/quickstart`` of the checkout (the package is installed in editable mode)."""
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return os.path.join(here, "configs", "quickstart")
+    return os.path.join(CONFIGS, "quickstart")
 
 
 def pretrained_overrides(out: str) -> list[str]:

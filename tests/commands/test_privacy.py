@@ -20,7 +20,7 @@ def test_epsilon_from_sigma_json_is_the_whole_stdout():
 
 
 def test_text_output_without_json(capsys):
-    from dpldm.privacy.calculator import main
+    from dpldm.commands.privacy import main
 
     res = main(["--sample-rate", "0.01", "--noise-multiplier", "1.1", "--steps", "1000", "--delta", "1e-5"])
     out = capsys.readouterr().out
@@ -28,7 +28,7 @@ def test_text_output_without_json(capsys):
 
 
 def test_sigma_from_epsilon_rdp(capsys):
-    from dpldm.privacy.calculator import main
+    from dpldm.commands.privacy import main
 
     res = main(["--sample-rate", "0.01", "--epsilon", "3", "--steps", "1000", "--delta", "1e-5",
                 "--accountant", "rdp", "--json"])
@@ -62,7 +62,7 @@ def with_flag(args: list[str], flag: str, value: str) -> list[str]:
     (with_flag(SIGMA, "--delta", "0.5") + ["--accountant", "rdp"], "--delta must be small enough that epsilon > 0"),
 ])
 def test_bad_values_exit_2_naming_the_flag_and_the_bound(args, message, capsys):
-    from dpldm.privacy.calculator import main
+    from dpldm.commands.privacy import main
 
     with pytest.raises(SystemExit) as err:
         main(args)

@@ -2,13 +2,13 @@
 
 Steinke, Nasr & Jagielski, "Privacy Auditing with One (1) Training Run" (NeurIPS 2023):
 
-  1. draw m out-of-distribution canaries shaped like the private records (dpldm.privacy.canaries);
+  1. draw m out-of-distribution canaries shaped like the private records (dpldm.audit.canaries);
   2. include each in the training split with probability 1/2 (a hidden, seeded mask);
   3. train exactly as ``dpldm fit --config FIT.yaml`` would (same DP-SGD engine, Poisson sampling and
      accountant; N counts the included canaries);
   4. score each canary by the drop of its denoising loss during training, guess IN for the top scores
      and OUT for the bottom ones, and turn the number of correct guesses into an epsilon lower bound
-     (dpldm.privacy.audit).
+     (dpldm.audit.statistics).
 
 Two controls check the audit itself: the same run without DP (same trainable scope, steps, canaries and
 mask) must give a clearly positive bound; the DP run's scores tested against a fresh mask that training
@@ -31,8 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from dpldm.errors import ConfigError
-from dpldm.privacy import audit as stats
-from dpldm.privacy import canaries as cn
+from dpldm.audit import statistics as stats
+from dpldm.audit import canaries as cn
 
 CAVEAT = ("eps_lb is a lower bound on the run's epsilon that holds with the stated confidence: it must be <= the "
           "accountant's epsilon (a DP run above it means a bug in the DP pipeline or its accounting). A small eps_lb "
@@ -184,7 +184,7 @@ def run_audit(config: str, overrides: list[str], m: int = 256, seed: int = 0, ou
         confidence: confidence level of the bounds.
         control: also run the non-private control.
         draws: (t, noise) draws per canary score.
-        scale: how far out of distribution the canaries lie (see :func:`dpldm.privacy.canaries.make_canaries`).
+        scale: how far out of distribution the canaries lie (see :func:`dpldm.audit.canaries.make_canaries`).
         t_range: fractions of the schedule between which the scorer's t lie.
     """
     if m < 4:

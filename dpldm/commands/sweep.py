@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from dpldm.errors import ConfigError
-from dpldm.sweep_spec import Sweep, require, expand, load_sweep  # noqa: F401 (public here too)
+from dpldm.commands.sweep_spec import Sweep, require, expand, load_sweep  # noqa: F401 (public here too)
 
 PRIVACY = {"epsilon": "privacy/epsilon", "delta": "privacy/delta", "sigma": "privacy/noise_multiplier",
            "q": "privacy/sample_rate", "steps": "privacy/steps"}

@@ -16,7 +16,7 @@ from dpldm.datamodules import DigitsDataModule
 from dpldm.errors import ConfigError
 from dpldm.modules import ClassEmbedder, FrozenAutoencoder, LatentDiffusion, build_autoencoder, build_unet
 from dpldm.privacy import DifferentialPrivacy
-from dpldm.privacy import canaries as cn
+from dpldm.audit import canaries as cn
 from tests.conftest import TINY_AE, TINY_UNET
 
 # The tiny fit config the audit runs. Tuned so that the non-private control memorises the canaries within
@@ -135,7 +135,7 @@ def test_a_control_that_leaks_raises_no_warning(audit_run):
 
 def fake_rows(control_leaks: bool | None) -> list:
     """Audit rows from synthetic scores: a DP run at chance, a control that leaks or not (None: no control)."""
-    from dpldm.audit import evaluate
+    from dpldm.audit.run import evaluate
 
     rng = np.random.default_rng(0)
     included, fresh = rng.random(64) < 0.5, rng.random(64) < 0.5
@@ -149,7 +149,7 @@ def fake_rows(control_leaks: bool | None) -> list:
 
 @pytest.mark.parametrize("control_leaks", [False, None])
 def test_a_control_without_leakage_warns_on_the_console_and_in_the_json(control_leaks, tmp_path, monkeypatch, capsys):
-    from dpldm import audit
+    from dpldm.audit import run as audit
 
     monkeypatch.setattr(audit, "run_audit", lambda *a, **k: fake_rows(control_leaks))
     audit.main(["--config", __file__, "--out", str(tmp_path), "--canaries", "64", "--canary-scale", "2"])
@@ -249,7 +249,7 @@ def test_bad_arguments_are_one_line_errors(args, message, capsys):
 
 
 def test_the_control_trains_the_dp_runs_scope_even_when_it_is_the_default(tmp_path):
-    from dpldm.audit import build_cli, scope_override
+    from dpldm.audit.run import build_cli, scope_override
 
     config = tmp_path / "attention.yaml"  # no scope in the config: DP trains the attention default
     config.write_text(CONFIG.format(cache=tmp_path / "cache").replace("kind: full", "kind: attention")

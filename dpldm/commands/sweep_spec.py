@@ -1,5 +1,5 @@
 """A W&B sweep file (the YAML ``wandb sweep`` takes), validated and expanded into runs: the grid in file order,
-or seeded random draws (``bayes`` is random search here). Used by ``dpldm sweep`` (:mod:`dpldm.sweep`).
+or seeded random draws (``bayes`` is random search here). Used by ``dpldm sweep`` (:mod:`dpldm.commands.sweep`).
 """
 
 from __future__ import annotations
