@@ -17,6 +17,8 @@ itself a (declared) privacy cost, see ``dpldm sweep --account-selection`` and th
 from __future__ import annotations
 
 import logging
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -59,20 +61,30 @@ def conditions(model: nn.Module, n: int, prompts: list[str] | None = None) -> Te
     return torch.zeros(n, dtype=torch.long) if classes is None else torch.arange(n) % classes  # None: unconditional
 
 
-@torch.no_grad()
 def draw_samples(model: nn.Module, conds: Tensor | list[str], settings: SampleSettings) -> Tensor:
     """Images [N, C, H, W] in [-1, 1] (CPU) for the conditions, in seeded batches."""
-    from tqdm.auto import tqdm
+    from dpldm.modules.sampling import sample_in_batches
 
-    device, out = model.device, []
-    for k, start in enumerate(tqdm(range(0, len(conds), settings.batch_size), desc="evaluation samples",
-                                   unit="batch", leave=False)):
-        chunk = conds[start:start + settings.batch_size]
-        chunk = chunk.to(device) if isinstance(chunk, Tensor) else chunk
-        gen = torch.Generator(device).manual_seed(settings.seed + k)
-        out.append(model.sample(chunk, settings.guidance_scale, settings.num_steps, generator=gen,
-                                solver=settings.solver).cpu())
-    return torch.cat(out)
+    return sample_in_batches(model, conds, settings.batch_size, settings.seed, settings.guidance_scale,
+                             settings.num_steps, settings.solver, desc="evaluation samples")
+
+
+class SharedSamples:
+    """The evaluation samples of a model at one step, drawn once for every metric that asks with the same
+    settings (held by a weak reference to the model: they go when it does)."""
+
+    def __init__(self):
+        self._by_model: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def get(self, model: nn.Module, key: tuple, draw: Callable[[], tuple]) -> tuple:
+        held = self._by_model.get(model)
+        if held is None or held[0] != key:  # only the current step's samples are kept
+            held = (key, draw())
+            self._by_model[model] = held
+        return held[1]
+
+
+SHARED_SAMPLES = SharedSamples()
 
 
 SPLITS = ("val", "test")  # held-out splits a metric may be scored on; never the (private) training split
@@ -172,11 +184,7 @@ class SampleMetric(L.Callback):
         """Samples for this metric, shared with the other metrics of the same step and settings."""
         conds = conditions(model, self.num_samples, self.prompts)
         key = (step, self.num_samples, repr(self.sampling), tuple(conds) if isinstance(conds, list) else "labels")
-        shared = model.__dict__.setdefault("_evaluation_samples", {})
-        if key not in shared:
-            shared.clear()  # only the current step's samples are kept
-            shared[key] = (draw_samples(model, conds, self.sampling), conds)
-        return shared[key]
+        return SHARED_SAMPLES.get(model, key, lambda: (draw_samples(model, conds, self.sampling), conds))
 
     def evaluate(self, model: nn.Module, datamodule: object, step: int = -1, loggers: list = ()) -> dict:
         """Sample, score, log; returns the values."""

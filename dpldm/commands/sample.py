@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from dpldm.errors import ConfigError
+from dpldm.modules.sampling import sample_in_batches
 from dpldm.utils.files import read_prompts
 from dpldm.utils.images import grid_layout, write_samples
 
@@ -71,20 +72,11 @@ def sample(model: torch.nn.Module, conds: list, out: str, batch_size: int = 64, 
     Returns:
         uint8 images [N, H, W, C].
     """
-    from tqdm.auto import tqdm
-
-    os.makedirs(out, exist_ok=True)
-    device = next(model.parameters()).device
-    images = []
-    for k, start in enumerate(tqdm(range(0, len(conds), batch_size), desc="sampling batches", unit="batch")):
-        chunk = conds[start:start + batch_size]
-        cond = chunk if isinstance(chunk[0], str) else torch.tensor(chunk, device=device)
-        gen = torch.Generator(device).manual_seed(seed + k)
-        images.append(model.sample(cond, guidance, steps, generator=gen, eta=eta, solver=solver).cpu())
+    images = sample_in_batches(model, conds, batch_size, seed, guidance, steps, solver, eta, "sampling batches")
     index, per_row = grid_layout(len(conds), nrow)
     if len(index) < len(conds):
         print(f"grid.png shows {len(index)} of the {len(conds)} samples ({per_row} a row); all are in {out}/")
-    return write_samples(torch.cat(images), conds, out, per_row, grid_index=index)
+    return write_samples(images, conds, out, per_row, grid_index=index)
 
 
 def main(argv: list[str]) -> None:

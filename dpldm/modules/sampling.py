@@ -86,3 +86,32 @@ def sample_latents(
         extra = {"eta": eta} if solver == "ddim" else {}
         z = scheduler.step(out, t, z, generator=generator, **extra).prev_sample
     return z
+
+
+@torch.no_grad()
+def sample_in_batches(model: torch.nn.Module, conds: Tensor | list, batch_size: int, seed: int = 0,
+                      guidance_scale: float | None = None, num_steps: int | None = None, solver: str | None = None,
+                      eta: float = 0.0, desc: str = "sampling") -> Tensor:
+    """The one sampling front end (``dpldm sample``, the metric callbacks): images [N, C, H, W] in [-1, 1], on
+    the CPU, for N conditions (labels, as a tensor or a list, or captions) through ``model.sample``, batch k
+    drawn from a generator seeded with ``seed + k``: the same images for the same seed, whoever asks.
+
+    Args:
+        model: a :class:`~dpldm.modules.LatentDiffusion` (its ``sample``).
+        conds: the N conditions.
+        batch_size: conditions per batch.
+        seed: the first batch's seed.
+        guidance_scale, num_steps, solver, eta: ``model.sample``'s (None: the model's defaults).
+        desc: the progress bar's label.
+    """
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    out = []
+    for k, start in enumerate(tqdm(range(0, len(conds), batch_size), desc=desc, unit="batch", leave=False)):
+        chunk = conds[start:start + batch_size]
+        if isinstance(chunk, Tensor) or not isinstance(chunk[0], str):
+            chunk = torch.as_tensor(chunk, device=device)
+        gen = torch.Generator(device).manual_seed(seed + k)
+        out.append(model.sample(chunk, guidance_scale, num_steps, generator=gen, eta=eta, solver=solver).cpu())
+    return torch.cat(out)

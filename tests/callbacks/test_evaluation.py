@@ -65,7 +65,7 @@ class FakeGenerator(L.LightningModule):
         self.conditioner, self.noise, self.calls = Conditioner(text), noise, 0
         self.layer = nn.Linear(1, 1)
 
-    def sample(self, cond, guidance_scale=None, num_steps=None, generator=None, solver=None):
+    def sample(self, cond, guidance_scale=None, num_steps=None, generator=None, eta=0.0, solver=None):
         self.calls += 1
         labels = torch.tensor([len(c) % 4 for c in cond]) if isinstance(cond, list) else cond
         return quadrant_images(labels.cpu(), self.noise, int(torch.randint(1000, (), generator=generator)))
