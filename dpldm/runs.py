@@ -14,9 +14,12 @@ folder moved, the public stages deleted) uses two things the fit leaves beside i
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
+import logging
 import os
+from collections.abc import Iterator
 
 import lightning.pytorch as L
 import torch
@@ -132,6 +135,20 @@ def load_weights(model: L.LightningModule, run_dir: str, checkpoint: str | None 
     return checkpoint
 
 
+@contextlib.contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Lightning's and Fabric's info lines (devices found, seed set, tips) silenced for the block."""
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def load_run(run_dir: str, checkpoint: str | None = None) -> L.LightningModule:
     """Rebuild a run's model from the ``config.yaml`` LightningCLI saved, and load its weights.
 
@@ -152,6 +169,7 @@ def load_run_and_data(run_dir: str, checkpoint: str | None = None) -> tuple[L.Li
     cfg = run_config(run_dir)
     cfg["trainer"]["logger"] = False
     cfg["trainer"]["callbacks"] = []
-    cli = DPLDMCLI(args=cfg, run=False)
+    with quiet_lightning():  # a Trainer is built, never run: no GPU/TPU, seed or tip lines
+        cli = DPLDMCLI(args=cfg, run=False)
     path = load_weights(cli.model, run_dir, checkpoint)
     return cli.model.eval(), cli.datamodule, path

@@ -43,7 +43,7 @@ def fit(base, tmp_path, *extra):
         f"{MODEL}.sampling_steps=2", *extra])
 
 
-def test_dp_fine_tunes_the_self_attention_and_exports_an_ldm_pipeline(tmp_path):
+def test_dp_fine_tunes_the_self_attention_and_exports_an_ldm_pipeline(tmp_path, capsys, caplog):
     from diffusers import LDMPipeline, UNet2DModel
     from diffusers.models.attention_processor import Attention
 
@@ -74,8 +74,12 @@ def test_dp_fine_tunes_the_self_attention_and_exports_an_ldm_pipeline(tmp_path):
 
     import numpy as np
 
+    capsys.readouterr()
+    caplog.clear()
     main(["sample", str(tmp_path / "run"), "--labels", "all", "--repeat", "3", "--steps", "2",
           "--out", str(tmp_path / "samples")])
+    assert "3 samples ->" in capsys.readouterr().out
+    assert "GPU available" not in caplog.text and "Seed set" not in caplog.text  # a command that does not train
     assert np.load(tmp_path / "samples" / "samples.npz")["images"].shape == (3, 8, 8, 1)
 
 
