@@ -199,3 +199,29 @@ def user_error(capsys, argv: list[str]) -> str:
     message = capsys.readouterr().err
     assert 0 < len(message.strip().splitlines()) <= 10, message
     return message
+
+
+# --- the quickstart chain on tiny models (tests/test_quickstart.py, test_runs.py) ---
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+AE = "autoencoder"
+TINY = {
+    AE: ["--trainer.fast_dev_run=true", "--model.init_args.vae.init_args.block_out_channels=[8,16,16]",
+         "--model.init_args.vae.init_args.norm_num_groups=4", "--model.init_args.scale_batches=2",
+         "--data.init_args.num_train=32", "--data.init_args.num_val=8", "--data.init_args.batch_size=8"],
+    "ldm": ["--trainer.fast_dev_run=true", "--model.init_args.unet.init_args.block_out_channels=[16,32]",
+            "--model.init_args.unet.init_args.attention_head_dim=8", "--model.init_args.unet.init_args.norm_num_groups=8",
+            "--model.init_args.unet.init_args.cross_attention_dim=16",
+            "--model.init_args.conditioner.init_args.embed_dim=16", "--model.init_args.sampling_steps=2",
+            "--data.init_args.num_train=32", "--data.init_args.num_val=8", "--data.init_args.batch_size=8"],
+    "finetune": ["--trainer.fast_dev_run=true", "--model.init_args.conditioner.init_args.embed_dim=16",
+                 "--model.init_args.sampling_steps=2", "--data.init_args.batch_size=8"],
+}
+
+
+def tiny_args(out) -> list[str]:
+    args = ["--out", str(out)]
+    for stage, overrides in TINY.items():
+        for o in overrides:
+            args.append(f"--override={stage}:{o}")
+    return args

@@ -60,8 +60,7 @@ def test_every_run_config_is_covered():
 
 
 def _mnist_family_root(name, tmp_path):
-    from tests.datamodules.test_fashion_mnist import write_idx
-    from tests.datamodules.test_mnist import write_mnist
+    from tests.datamodules.common import write_idx, write_mnist
 
     root = tmp_path / name
     root.mkdir()

@@ -10,30 +10,7 @@ import torch
 from dpldm.commands import quickstart
 from dpldm.commands.lightning_cli import DPLDMCLI
 from dpldm.errors import ConfigError
-from tests.conftest import user_error
-
-AE = "autoencoder"
-TINY = {
-    AE: ["--trainer.fast_dev_run=true", "--model.init_args.vae.init_args.block_out_channels=[8,16,16]",
-         "--model.init_args.vae.init_args.norm_num_groups=4", "--model.init_args.scale_batches=2",
-         "--data.init_args.num_train=32", "--data.init_args.num_val=8", "--data.init_args.batch_size=8"],
-    "ldm": ["--trainer.fast_dev_run=true", "--model.init_args.unet.init_args.block_out_channels=[16,32]",
-            "--model.init_args.unet.init_args.attention_head_dim=8", "--model.init_args.unet.init_args.norm_num_groups=8",
-            "--model.init_args.unet.init_args.cross_attention_dim=16",
-            "--model.init_args.conditioner.init_args.embed_dim=16", "--model.init_args.sampling_steps=2",
-            "--data.init_args.num_train=32", "--data.init_args.num_val=8", "--data.init_args.batch_size=8"],
-    "finetune": ["--trainer.fast_dev_run=true", "--model.init_args.conditioner.init_args.embed_dim=16",
-                 "--model.init_args.sampling_steps=2", "--data.init_args.batch_size=8"],
-}
-
-
-def tiny_args(out) -> list[str]:
-    args = ["--out", str(out)]
-    for stage, overrides in TINY.items():
-        for o in overrides:
-            args.append(f"--override={stage}:{o}")
-    return args
-
+from tests.conftest import AE, TINY, tiny_args, user_error
 
 @pytest.fixture(scope="module")
 def quickstart_run(tmp_path_factory):

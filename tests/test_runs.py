@@ -13,9 +13,8 @@ import torch
 from dpldm.commands import quickstart
 from dpldm.cli import main
 from dpldm.runs import load_run
-from tests.test_quickstart import tiny_args
+from tests.conftest import REPO, tiny_args
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ONE_STEP = ["--trainer.fast_dev_run=false", "--trainer.max_steps=1", "--trainer.limit_val_batches=0",
             "--trainer.callbacks=[]"]  # a real step, so the run keeps a checkpoint
 
@@ -137,7 +136,7 @@ def test_a_lora_run_exports_merged_into_a_plain_unet(project, tmp_path, monkeypa
     from diffusers import DiffusionPipeline
 
     from dpldm.commands.lightning_cli import DPLDMCLI
-    from tests.test_quickstart import TINY
+    from tests.conftest import TINY
 
     monkeypatch.chdir(project)
     chain = quickstart.stage_overrides("runs/quickstart", {"finetune": TINY["finetune"]})["finetune"]

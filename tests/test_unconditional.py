@@ -9,7 +9,7 @@ import torch
 from dpldm.cli import main
 from dpldm.commands.lightning_cli import DPLDMCLI
 from dpldm.runs import load_run
-from tests.test_runs import REPO
+from tests.conftest import REPO
 
 MODEL = "--model.init_args"
 

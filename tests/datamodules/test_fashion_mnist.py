@@ -1,7 +1,5 @@
 """Fashion-MNIST from idx files the test writes (the real ones come from Debian's dataset-fashion-mnist)."""
 
-import gzip
-
 import numpy as np
 import pytest
 import torch
@@ -9,13 +7,7 @@ import torch
 from dpldm.datamodules import FashionMNISTDataModule
 from dpldm.datamodules.idx import read_idx
 from dpldm.errors import ConfigError
-
-
-def write_idx(path, array, compress):
-    header = b"\x00\x00\x08" + bytes([array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    data = header + array.astype(np.uint8).tobytes()
-    with (gzip.open if compress else open)(str(path) + (".gz" if compress else ""), "wb") as f:
-        f.write(data)
+from tests.datamodules.common import write_idx
 
 
 @pytest.fixture

@@ -5,28 +5,13 @@ import os
 import stat
 import tarfile
 
-import numpy as np
 import pytest
 import torch
 
 from dpldm.datamodules import MNISTDataModule
 from dpldm.datamodules.mnist import LABEL_COUNTS
 from dpldm.errors import ConfigError
-from tests.datamodules.test_fashion_mnist import write_idx
-
-
-def _labels(split):
-    return np.repeat(np.arange(10), LABEL_COUNTS[split])
-
-
-def write_mnist(folder, side=4, counts=None):
-    """The four IDX files with MNIST's label counts (tiny images: the reader takes any side)."""
-    rng = np.random.default_rng(0)
-    for split, prefix in (("train", "train"), ("test", "t10k")):
-        labels = _labels(split) if counts is None else np.repeat(np.arange(10), counts)
-        write_idx(folder / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (len(labels), side, side)), False)
-        write_idx(folder / f"{prefix}-labels-idx1-ubyte", labels, False)
-    return folder
+from tests.datamodules.common import write_mnist
 
 
 def test_reads_a_folder_of_idx_files(tmp_path):

@@ -145,7 +145,7 @@ def test_a_dp_fit_from_a_compvis_checkpoint_exports_without_it(tmp_path, monkeyp
     from dpldm.cli import main
     from dpldm.commands.lightning_cli import DPLDMCLI
     from dpldm.runs import load_run
-    from tests.test_runs import REPO
+    from tests.conftest import REPO
 
     path, config, *_ = write(tmp_path, parameterization="v")
     model = "--model.init_args"

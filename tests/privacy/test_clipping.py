@@ -10,18 +10,9 @@ from dpldm.modules import FrozenAutoencoder, LatentDiffusion, OpenCLIPTextEncode
 from dpldm.privacy import DifferentialPrivacy, TrainableScope
 from dpldm.privacy.clipping import BookKeepingClipper
 from tests.conftest import TINY_AE, TINY_UNET
-from tests.privacy.test_engine import batch, make_engine, make_model
+from tests.privacy.common import batch, dp_update, make_engine, make_model
 
 ARCH = str(Path(__file__).resolve().parents[2] / "configs" / "laion" / "tiny-clip.json")
-
-
-def dp_update(model, engine, data, noise_draws):
-    """The parameter change of one DP step (SGD, lr 1), with fixed draws of t, noise and label dropout."""
-    opt = engine.wrap(torch.optim.SGD(model.trainable_parameters(), lr=1.0))
-    before = [p.detach().clone() for p in model.trainable_parameters()]
-    torch.manual_seed(123)
-    engine.step(data, model.per_example_loss, opt, noise_draws)
-    return torch.cat([(p.detach() - b).flatten() for p, b in zip(model.trainable_parameters(), before)])
 
 
 @pytest.mark.parametrize("mode", ["fast", "ghost"])

@@ -13,8 +13,7 @@ import torch.multiprocessing as mp
 from dpldm.datamodules import DigitsDataModule
 from dpldm.privacy import epsilon_for
 from dpldm.privacy.sampling import ShardedPoissonSampler
-from tests.privacy.test_clipping import dp_update
-from tests.privacy.test_engine import batch, make_engine, make_model
+from tests.privacy.common import batch, dp_update, make_engine, make_model
 from tests.privacy.tiny_fit import dpldm, tiny_dp_config
 
 

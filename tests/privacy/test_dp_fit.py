@@ -7,31 +7,11 @@ import lightning.pytorch as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
 
 from dpldm.datamodules import DigitsDataModule
 from dpldm.errors import ConfigError
-from dpldm.modules import ClassEmbedder, FrozenAutoencoder, LatentDiffusion, build_autoencoder, build_unet
-from dpldm.privacy import DifferentialPrivacy, TrainableScope, epsilon_for
-from tests.conftest import TINY_AE, TINY_UNET
-
-
-def dp_model(scope=None, **privacy):
-    torch.manual_seed(0)
-    settings = {"epsilon": 8.0, "seed": 0, "max_physical_batch_size": 8, **privacy}
-    return LatentDiffusion(build_unet(**TINY_UNET), FrozenAutoencoder(build_autoencoder(**TINY_AE)),
-                           ClassEmbedder(10, embed_dim=16), noise_draws=2, scope=scope,
-                           privacy=DifferentialPrivacy(**settings))
-
-
-def trainer(tmp_path, max_steps, callbacks=(), **kw):
-    return L.Trainer(max_steps=max_steps, use_distributed_sampler=False, logger=CSVLogger(tmp_path, name="logs"),
-                     log_every_n_steps=1, limit_val_batches=0, enable_progress_bar=False,
-                     enable_model_summary=False, callbacks=list(callbacks), default_root_dir=tmp_path, **kw)
-
-
-def data():
-    return DigitsDataModule(image_size=8, batch_size=16)
+from dpldm.privacy import TrainableScope, epsilon_for
+from tests.privacy.common import data, dp_model, trainer
 
 
 @pytest.mark.parametrize("kind", ["attention", "lora"])

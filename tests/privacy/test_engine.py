@@ -1,54 +1,14 @@
 """DP-SGD engine against brute force (no Lightning): per-example gradients, clipping, noise, sampling."""
 
-import copy
-
 import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from dpldm.modules import ClassEmbedder, FrozenAutoencoder, LatentDiffusion, build_autoencoder, build_unet
 from dpldm.privacy import DifferentialPrivacy
 from dpldm.privacy.engine import DPSGDEngine, fold_noise_draws, micro_batches
 from dpldm.privacy.sampling import poisson_loader
 from dpldm.privacy.settings import PrivacyPlan
-from tests.conftest import TINY_AE, TINY_UNET
-
-
-def make_model(noise_draws=1, kind="attention"):
-    from dpldm.privacy import TrainableScope
-
-    torch.manual_seed(0)
-    model = LatentDiffusion(build_unet(**TINY_UNET), FrozenAutoencoder(build_autoencoder(**TINY_AE)),
-                            ClassEmbedder(10, embed_dim=16), noise_draws=noise_draws, cond_drop_prob=0.2,
-                            scope=TrainableScope(kind), privacy=DifferentialPrivacy(epsilon=10, seed=0))
-    if kind == "lora":
-        perturb_lora(model.unet)
-    return model.train()
-
-
-def perturb_lora(unet):
-    """LoRA starts at B = 0, where A's gradient is 0 too: random B, so both are tested."""
-    from peft.tuners.lora import LoraLayer
-
-    for m in unet.modules():
-        if isinstance(m, LoraLayer):
-            torch.nn.init.normal_(m.lora_B["default"].weight, std=0.1)
-
-
-def make_engine(model, batch_size, sigma=1.0, clip=1.0, clipping="hooks", physical=64):
-    """The engine; ``hooks`` by default here: these tests read Opacus's per-example gradients."""
-    settings = DifferentialPrivacy(noise_multiplier=sigma, epsilon=None, max_grad_norm=clip, seed=0,
-                                   clipping=clipping, max_physical_batch_size=physical)
-    plan = PrivacyPlan(num_samples=100, expected_batch_size=batch_size, sample_rate=batch_size / 100,
-                       delta=1e-3, planned_steps=10)
-    model.privacy = settings
-    model.dp = DPSGDEngine(settings, plan, model.trained_modules)
-    return model.dp
-
-
-def batch(n=6, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return {"image": torch.rand(n, 1, 8, 8, generator=g) * 2 - 1, "label": torch.arange(n) % 10}
+from tests.privacy.common import batch, make_engine, make_model
 
 
 def dp_per_example_grads(model, engine, data, physical):

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from dpldm.privacy import epsilon_for
-from tests.privacy.test_clipping import dp_update
-from tests.privacy.test_engine import batch, make_engine, make_model
+from tests.privacy.common import batch, dp_update, make_engine, make_model
 from tests.privacy.tiny_fit import dpldm, tiny_dp_config
 
 
@@ -85,7 +84,7 @@ def _zero_weight_first_chunk_row(loss_fn, row):
 
 def test_secure_mode_trains_and_draws_fresh_noise(tmp_path):
     """secure_mode: no seed, OS-seeded noise and sampling: two identical runs end in different weights."""
-    from tests.privacy.test_dp_fit import data, dp_model, trainer
+    from tests.privacy.common import data, dp_model, trainer
 
     weights = []
     for run in ("a", "b"):

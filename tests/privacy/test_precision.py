@@ -7,9 +7,7 @@ import copy
 import pytest
 import torch
 
-from tests.privacy.test_clipping import dp_update
-from tests.privacy.test_dp_fit import data, dp_model, trainer
-from tests.privacy.test_engine import batch, make_engine, make_model
+from tests.privacy.common import batch, data, dp_model, dp_update, make_engine, make_model, trainer
 
 
 def bf16_update(clipping, sigma=0.0, clip=0.05, n=6):

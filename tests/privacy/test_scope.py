@@ -96,7 +96,7 @@ def test_text_conditioner_contributes_only_its_projection():
 
 
 def test_lora_trains_only_adapters_on_the_attention_projections_and_merges_exactly():
-    from tests.privacy.test_engine import perturb_lora
+    from tests.privacy.common import perturb_lora
 
     unet, emb = _parts()
     base = {n: p.clone() for n, p in unet.named_parameters()}
