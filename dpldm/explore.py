@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dpldm.callbacks.samples import grid_conditions
+from dpldm.callbacks.samples import sample_grid  # noqa: F401  (the notebook takes it from here)
 from dpldm.privacy.accounting import PrivacyAccountant
 
 
@@ -23,16 +23,6 @@ class Neighbours:
     distances: Tensor
     indices: Tensor
     space: str
-
-
-def sample_grid(model: torch.nn.Module, per_class: int = 4, prompts: list[str] | None = None,
-                num_steps: int | None = None, guidance_scale: float | None = None,
-                seed: int = 0) -> tuple[Tensor, int]:
-    """Guided DDIM samples [n, C, H, W] in [-1, 1]: ``per_class`` of every class (a column per class), or of
-    every prompt (a row per prompt); returns them with the row length."""
-    cond, nrow = grid_conditions(model, per_class, prompts)
-    images = model.sample(cond, guidance_scale, num_steps, generator=torch.Generator().manual_seed(seed))
-    return images, nrow
 
 
 def show_grid(images: Tensor, nrow: int, title: str = "", size: float = 1.0) -> plt.Figure:

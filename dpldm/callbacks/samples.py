@@ -23,6 +23,17 @@ def grid_conditions(model: L.LightningModule, per_class: int, prompts: list[str]
     return torch.arange(num_classes, device=model.device).repeat(per_class), num_classes  # a column per class
 
 
+def sample_grid(model: L.LightningModule, per_class: int = 4, prompts: list[str] | None = None,
+                num_steps: int | None = None, guidance_scale: float | None = None,
+                seed: int = 0) -> tuple[torch.Tensor, int]:
+    """Guided samples [n, C, H, W] in [-1, 1] for a grid: ``per_class`` of every class (a column per class), or
+    of every prompt (a row per prompt), in one batch seeded with ``seed``; returns them with the row length."""
+    from dpldm.modules.sampling import sample_in_batches
+
+    cond, nrow = grid_conditions(model, per_class, prompts)
+    return sample_in_batches(model, cond, len(cond), seed, guidance_scale, num_steps, desc="grid"), nrow
+
+
 class SampleGrid(L.Callback):
     """Writes a PNG grid of guided DDIM samples every ``every_n_epochs`` and at the end of training.
 
@@ -45,9 +56,8 @@ class SampleGrid(L.Callback):
         root = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: called on every rank
         if not trainer.is_global_zero:
             return
-        cond, nrow = grid_conditions(pl_module, self.per_class, self.prompts)
-        gen = torch.Generator(pl_module.device).manual_seed(self.seed)
-        images = pl_module.sample(cond, self.guidance_scale, self.num_steps, generator=gen)
+        images, nrow = sample_grid(pl_module, self.per_class, self.prompts, self.num_steps, self.guidance_scale,
+                                   self.seed)
         self.last_path = save_grid(images, os.path.join(root, "samples", f"{name}.png"), nrow)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
