@@ -34,6 +34,10 @@ class Conditioner(nn.Module):
             return batch[self.cache_key]
         return batch[self.input_key]
 
+    def raw(self, batch: dict) -> Any:
+        """The raw condition of a batch (labels [B] or B captions), never cached features: what sampling takes."""
+        return batch[self.input_key]
+
     def frozen_features(self, cond: Any) -> Tensor:
         """Output of the frozen part for raw conditions (what a latent cache stores)."""
         raise NotImplementedError(f"{type(self).__name__} has no frozen part to cache")
@@ -122,6 +126,8 @@ class Unconditional(Conditioner):
     def select(self, batch: dict) -> Tensor:
         images = batch["moments"] if "moments" in batch else batch["image"]
         return torch.zeros(len(images), dtype=torch.long, device=images.device)
+
+    raw = select  # one placeholder per example
 
     def forward(self, cond: Any) -> None:
         return None

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from dpldm.errors import ConfigError
 from dpldm.modules.autoencoder import FrozenAutoencoder
-from dpldm.modules.conditioning import Conditioner, Unconditional
+from dpldm.modules.conditioning import Conditioner
 from dpldm.modules.loss import LossWeighting, TimestepSampler, UniformTimesteps, UnitWeighting, denoising_loss
 from dpldm.modules.sampling import Solver, sample_latents
 from dpldm.modules.schedule import training_schedule
@@ -261,8 +261,7 @@ class LatentDiffusion(L.LightningModule):
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         """``dpldm predict``: one sample per condition of the batch (seeded by the batch index), as
         ``{"images": [B, C, H, W] in [-1, 1], "cond": the B conditions}``."""
-        unconditional = isinstance(self.conditioner, Unconditional)
-        cond = self.conditioner.select(batch) if unconditional else batch[self.conditioner.input_key]  # labels, captions
+        cond = self.conditioner.raw(batch)  # labels [B] or B captions
         gen = torch.Generator(self.device).manual_seed(batch_idx)
         return {"images": self.sample(cond, generator=gen).cpu(),
                 "cond": cond.tolist() if isinstance(cond, Tensor) else list(cond)}
