@@ -148,8 +148,12 @@ def test_evaluate_command_scores_a_checkpoint(quickstart_run, tmp_path):
     splits: [val, test]
     num_samples: 40
     reference_samples: 60
-    extractor: {{class_path: dpldm.metrics.GlyphClassifierFeatures,
-                init_args: {{path: {tmp_path / 'glyphs.pt'}, num_train: 200, epochs: 1}}}}
+    extractor:
+      class_path: dpldm.metrics.PublicClassifierFeatures
+      init_args:
+        public: {{class_path: dpldm.datamodules.GlyphsDataModule, init_args: {{num_train: 200}}}}
+        path: {tmp_path / 'glyphs.pt'}
+        epochs: 1
     sampling: {{num_steps: 2}}
 """)
     main(["evaluate", str(run), "--metrics", str(metrics), "--out", str(tmp_path / "eval.json")])

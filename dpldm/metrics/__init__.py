@@ -14,10 +14,11 @@ from dpldm.metrics.fid import (
     frechet_distance,
     named_reference_stats,
 )
-from dpldm.metrics.public_features import GlyphClassifierFeatures
+from dpldm.metrics.public_features import LabelledImages, PublicClassifierFeatures, data_fingerprint
 
 __all__ = [
-    "CLIPScore", "ClassifierFeatures", "GlyphClassifierFeatures", "SmallCNN", "downstream_accuracy", "load_images",
+    "CLIPScore", "ClassifierFeatures", "LabelledImages", "PublicClassifierFeatures", "SmallCNN", "data_fingerprint",
+    "downstream_accuracy", "load_images",
     "train_classifier", "FID", "FeatureExtractor", "FeatureStats", "InceptionFeatures", "InceptionUnavailableError",
     "ReferenceStatsUnavailableError", "features_of", "folder_images", "frechet_distance", "named_reference_stats",
 ]

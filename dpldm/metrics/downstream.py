@@ -205,16 +205,32 @@ class ClassifierFeatures(nn.Module):
         return cls(train_classifier(images, labels, num_classes, epochs=epochs, batch_size=batch_size, lr=lr,
                                     width=width, seed=seed, device=device))
 
-    def save(self, path: str) -> None:
-        """Writes the constructor arguments and weights to one ``torch.save`` file."""
+    def save(self, path: str, data: str | None = None) -> None:
+        """Writes the constructor arguments and weights to one ``torch.save`` file.
+
+        Args:
+            path: the file.
+            data: a fingerprint of the training data, checked by :meth:`load` (None: not recorded).
+        """
         c = self.classifier
         args = {"in_channels": c.in_channels, "num_classes": c.num_classes, "width": c.width}
-        torch.save({"args": args, "state_dict": c.state_dict()}, path)
+        torch.save({"args": args, "state_dict": c.state_dict(), "data": data}, path)
 
     @classmethod
-    def load(cls, path: str, device: str = "cpu") -> ClassifierFeatures:
-        """Rebuilds an extractor written by :meth:`save`."""
+    def load(cls, path: str, device: str = "cpu", expect_data: str | None = None) -> ClassifierFeatures:
+        """Rebuilds an extractor written by :meth:`save`.
+
+        Args:
+            path: the file.
+            device: where to put it.
+            expect_data: if given, the training-data fingerprint the file must record (a file trained on
+                other data is an error, not a silently different metric).
+        """
         blob = torch.load(path, map_location=device, weights_only=True)
+        if expect_data is not None and blob.get("data") != expect_data:
+            raise ValueError(f"{path} holds a classifier trained on other data (fingerprint "
+                             f"{str(blob.get('data'))[:16]}, expected {expect_data[:16]}): delete it or "
+                             f"point `path` elsewhere")
         classifier = SmallCNN(**blob["args"])
         classifier.load_state_dict(blob["state_dict"])
         return cls(classifier.to(device))

@@ -1,16 +1,26 @@
-"""An FID-style feature extractor that needs no download: a small CNN trained on a *public* set.
+"""An FID-style feature extractor that needs no download: a small CNN trained on a *public* labelled set.
 
-Inception weights cannot be fetched offline. A classifier of the public glyphs (digits and letters
-rendered from bundled fonts) gives features in which a Fréchet distance still ranks generators, but
-its values are NOT comparable to Inception FID: label them so (e.g. metric name ``fid_glyph``, logged as ``test/fid_glyph``).
+Inception weights cannot be fetched offline. A classifier of a public set (e.g. the glyphs: digits and
+letters rendered from bundled fonts, :class:`dpldm.datamodules.GlyphsDataModule`) gives features in which
+a Fréchet distance still ranks generators, but its values are NOT comparable to Inception FID: label them
+so (e.g. metric name ``fid_glyph``, logged as ``test/fid_glyph``).
+
+The extractor takes its training set as an object (any :class:`LabelledImages`); metrics import no
+datamodule. Training it on the private data would put a statistic of that data outside DP (privacy
+invariant 4), so a set that does not declare itself public (``public = True``) is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+from typing import Protocol, runtime_checkable
 
+import torch
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 
+from dpldm.errors import ConfigError
 from dpldm.metrics.downstream import ClassifierFeatures, load_images
 
 
@@ -19,39 +29,65 @@ def cache_dir() -> str:
     return os.environ.get("DPLDM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "dpldm"))
 
 
-class GlyphClassifierFeatures(nn.Module):
-    """Penultimate features of a small CNN trained on the public glyphs; trained on first use and
-    saved to ``path`` (later runs load it).
+@runtime_checkable
+class LabelledImages(Protocol):
+    """A labelled image set a feature extractor can train on (every dpldm datamodule is one).
 
-    Args:
-        path: the classifier file (written once); default: one per setting under :func:`cache_dir`.
-        image_size: glyph side, = the images scored.
-        num_train: glyphs to train on.
-        epochs: training epochs.
-        seed: glyph rendering and training seed.
+    ``public`` must be True (a public pretraining set); ``cache_dataset()`` gives its training split
+    without random augmentation, in a fixed order, as ``{"image", "label"}`` items.
     """
 
-    def __init__(self, path: str | None = None, image_size: int = 32, num_train: int = 10_000, epochs: int = 4,
-                 seed: int = 0):
+    num_classes: int
+
+    def cache_dataset(self) -> Dataset: ...
+
+
+def data_fingerprint(images: Tensor, labels: Tensor) -> str:
+    """A SHA-256 of the training images and labels: the extractor is a function of these (and its seed)."""
+    digest = hashlib.sha256(images.contiguous().numpy().tobytes())
+    digest.update(labels.to(torch.int64).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class PublicClassifierFeatures(nn.Module):
+    """Penultimate features of a small CNN trained on a public labelled set; trained on first use and
+    saved to ``path`` (later runs load it, after checking it was trained on the same data).
+
+    Args:
+        public: the training set, e.g. ``{class_path: dpldm.datamodules.GlyphsDataModule,
+            init_args: {num_train: 10000}}``; must declare ``public = True``.
+        path: the classifier file (written once); default: one per training data (its fingerprint),
+            epochs and seed under :func:`cache_dir`.
+        epochs: training epochs.
+        seed: training seed.
+    """
+
+    def __init__(self, public: LabelledImages, path: str | None = None, epochs: int = 4, seed: int = 0):
         super().__init__()
-        path = path or os.path.join(cache_dir(), f"glyph-classifier-{image_size}px-{num_train}-{epochs}ep-{seed}.pt")
-        self.path, self.image_size, self.num_train, self.epochs, self.seed = path, image_size, num_train, epochs, seed
+        if not getattr(public, "public", False):
+            raise ConfigError(
+                "extractor.init_args.public", type(public).__name__,
+                "must be a public set (`public = True`): a feature extractor trained on private data "
+                "puts a statistic of it outside DP")
+        if epochs < 1:
+            raise ConfigError("extractor.init_args.epochs", epochs, "must be >= 1")
+        self.public, self.path, self.epochs, self.seed = public, path, epochs, seed
         self._features: ClassifierFeatures | None = None
 
     def extractor(self) -> ClassifierFeatures:
-        """The trained extractor (loaded, or trained on the public glyphs and saved)."""
+        """The trained extractor (loaded, or trained on the public set and saved)."""
         if self._features is None:
-            if os.path.isfile(self.path):
-                self._features = ClassifierFeatures.load(self.path)
+            images, labels = load_images(self.public.cache_dataset())
+            fingerprint = data_fingerprint(images, labels)
+            path = self.path or os.path.join(
+                cache_dir(), f"public-classifier-{fingerprint[:16]}-{self.epochs}ep-{self.seed}.pt")
+            if os.path.isfile(path):
+                self._features = ClassifierFeatures.load(path, expect_data=fingerprint)
             else:
-                from dpldm.datamodules import GlyphsDataModule
-
-                glyphs = GlyphsDataModule(image_size=self.image_size, num_train=self.num_train, seed=self.seed)
-                images, labels = load_images(glyphs.cache_dataset())
-                self._features = ClassifierFeatures.fit(images, labels, glyphs.num_classes, epochs=self.epochs,
-                                                        seed=self.seed)
-                os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-                self._features.save(self.path)
+                self._features = ClassifierFeatures.fit(images, labels, self.public.num_classes,
+                                                        epochs=self.epochs, seed=self.seed)
+                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+                self._features.save(path, data=fingerprint)
         return self._features
 
     def forward(self, images: Tensor) -> Tensor:  # [B, 1, S, S] in [-1, 1] -> [B, D]
