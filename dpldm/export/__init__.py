@@ -60,6 +60,7 @@ def export_run(run_dir: str, out: str, checkpoint: str | None = None) -> str:
         vae = model.autoencoder.vae
         vae.register_to_config(scaling_factor=model.autoencoder.scale_factor)  # the scale the run used
         write(model, unet, vae, out)
+        _unet_code(unet, out)
     cfg, _ = saved_config(run_dir)
     with open(os.path.join(out, "README.md"), "w") as f:
         f.write(model_card(os.path.basename(os.path.normpath(out)), model, privacy, cfg, run_dir))
@@ -84,6 +85,22 @@ def _class_conditional(model: object, unet: object, vae: object, out: str) -> No
         index = json.load(f)
     index["_class_name"] = ["pipeline", "DPLDMPipeline"]  # diffusers loads both from the folder's pipeline.py
     index["conditioning"] = ["pipeline", "ClassEmbedding"]
+    with open(index_path, "w") as f:
+        json.dump(index, f, indent=2)
+
+
+def _unet_code(unet: object, out: str) -> None:
+    """A ``resblock_updown`` UNet (DP-LDM's) is not a diffusers class: its file (torch + diffusers only) goes
+    into ``unet/`` and ``model_index.json`` names it, as the class embedding's does."""
+    from dpldm.modules import unet_updown
+
+    if not isinstance(unet, unet_updown.UpDownUNet2DConditionModel):
+        return
+    shutil.copy(unet_updown.__file__, os.path.join(out, "unet", "unet_updown.py"))
+    index_path = os.path.join(out, "model_index.json")
+    with open(index_path) as f:
+        index = json.load(f)
+    index["unet"] = ["unet_updown", "UpDownUNet2DConditionModel"]
     with open(index_path, "w") as f:
         json.dump(index, f, indent=2)
 

@@ -7,9 +7,10 @@ from dpldm.modules.diffusion import LatentDiffusion
 from dpldm.modules.loss import MinSNRWeighting, UniformTimesteps, UnitWeighting
 from dpldm.modules.pipeline_text import PipelineTextEncoder
 from dpldm.modules.unet import build_unet, load_unet
+from dpldm.modules.unet_updown import UpDownUNet2DConditionModel
 
 __all__ = [
     "AutoencoderTraining", "ClassEmbedder", "Conditioner", "FrozenAutoencoder", "LatentDiffusion",
     "MinSNRWeighting", "OpenCLIPTextEncoder", "PipelineTextEncoder", "Unconditional", "UniformTimesteps", "UnitWeighting",
-    "build_autoencoder", "build_unet", "load_autoencoder", "load_unet",
+    "UpDownUNet2DConditionModel", "build_autoencoder", "build_unet", "load_autoencoder", "load_unet",
 ]

@@ -6,9 +6,10 @@ One file holds the whole LDM (Rombach et al., 2022): the UNet under ``model.diff
 and the latent scale as the buffer ``scale_factor``. The YAML gives the architectures (``unet_config``,
 ``first_stage_config``) and the forward process (``linear_start``, ``linear_end``, ``timesteps``,
 ``beta_schedule``, ``parameterization``). We translate the configs and keys with diffusers' own single-file
-conversion (``diffusers.loaders.single_file_utils``) and load strictly: an architecture option that diffusers'
-UNet or autoencoder cannot express (``resblock_updown``, attention inside the autoencoder's blocks) is an error
-that names it, never a model with some weights left random.
+conversion (``diffusers.loaders.single_file_utils``) and load strictly: missing or unexpected keys are an error
+that lists them, never a model with some weights left random. ``resblock_updown`` UNets (DP-LDM's) become
+:class:`~dpldm.modules.unet_updown.UpDownUNet2DConditionModel`. Attention inside the autoencoder's blocks (``ddconfig.attn_resolutions``, as in DP-LDM's own autoencoders)
+becomes diffusers' ``AttnDownEncoderBlock2D`` / ``AttnUpDecoderBlock2D``.
 """
 
 from __future__ import annotations
@@ -122,11 +123,6 @@ def _unet_config(ckpt: OriginalCheckpoint) -> dict:
     params = (ckpt.params.get("unet_config") or {}).get("params")
     if params is None:
         raise ConfigError(ckpt.field.rsplit(".", 1)[0] + ".original_config", "...", "has no model.params.unet_config")
-    for option in ("resblock_updown",):  # CompVis options diffusers' UNet2DConditionModel has no equivalent of
-        if params.get(option):
-            raise ConfigError(f"{option} (in the YAML's unet_config)", True,
-                              "down/upsampling by ResBlocks has no diffusers UNet2DConditionModel equivalent; "
-                              "this checkpoint cannot be loaded without weights left random")
     if not params.get("use_spatial_transformer", False) or params.get("context_dim") is None:
         raise ConfigError("use_spatial_transformer / context_dim (in the YAML's unet_config)",
                           params.get("context_dim"), "dpldm fine-tunes a cross-attention UNet (UNet2DConditionModel)")
@@ -146,14 +142,55 @@ def original_unet(ckpt: OriginalCheckpoint, weights: bool = True, ema: bool = Tr
     from diffusers import UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
+    from dpldm.modules.unet_updown import UpDownUNet2DConditionModel
+
     config = _unet_config(ckpt)
-    unet = UNet2DConditionModel.from_config(config)
+    updown = bool(ckpt.params["unet_config"]["params"].get("resblock_updown"))
+    unet = (UpDownUNet2DConditionModel if updown else UNet2DConditionModel).from_config(config)
     if weights:
         use_ema = ema and any(k.startswith("model_ema.") for k in ckpt.state)
-        state = convert_ldm_unet_checkpoint(ckpt.state, config, extract_ema=use_ema)
+        source, ups, downs = _resample_resblocks(ckpt, config, use_ema) if updown else (ckpt.state, {}, {})
+        state = _moved(convert_ldm_unet_checkpoint(source, config, extract_ema=use_ema), downs) | ups
         _strict_load(unet, state, len(ckpt.part(UNET)), ckpt, "UNet" + (" (EMA)" if use_ema else ""))
     unet.base_scheduler_config = original_scheduler_config(ckpt)
     return unet
+
+
+def _resample_resblocks(ckpt: OriginalCheckpoint, config: dict, ema: bool) -> tuple[dict, dict, dict]:
+    """With ``resblock_updown``, a ResBlock ends each level where diffusers' converter expects a resample conv:
+    ``input_blocks.{n}.0`` (``down=True``; the converter names it ``down_blocks.{b}.resnets.{layers_per_block}``,
+    an index no diffusers block has, moved by :func:`_moved`) and the last ``output_blocks`` of a level, after its
+    SpatialTransformer if any (``up=True``; taken out here, as the converter would misname or drop it).
+
+    Returns the checkpoint for the converter, the up-ResBlocks under their diffusers names
+    (``up_blocks.{b}.upsamplers.0.resnet.*``, the EMA copy's values when ``ema``; diffusers' own ResBlock rule),
+    and the renames of the down-ResBlocks."""
+    from diffusers.loaders.single_file_utils import update_unet_resnet_ldm_to_diffusers
+
+    levels, layers = len(config["block_out_channels"]), config["layers_per_block"]
+    up_attention = [t.startswith("CrossAttn") for t in config["up_block_types"]]
+    ups = {f"{UNET}output_blocks.{b * (layers + 1) + layers}.{2 if up_attention[b] else 1}.":
+           f"up_blocks.{b}.upsamplers.0.resnet." for b in range(levels - 1)}
+    downs = {f"down_blocks.{b}.resnets.{layers}.": f"down_blocks.{b}.downsamplers.0.resnet."
+             for b in range(levels - 1)}
+    source, renamed = {}, {}
+    for key, value in ckpt.state.items():
+        prefix = next((p for p in ups if key.startswith(p)), None)
+        if prefix is None:
+            source[key] = value
+            continue
+        if ema:  # CompVis LitEma names its copies without dots
+            value = ckpt.state["model_ema." + "".join(key[len("model."):].split("."))]
+        update_unet_resnet_ldm_to_diffusers([key], renamed, {key: value}, mapping={"old": prefix, "new": ups[prefix]})
+    return source, renamed, downs
+
+
+def _moved(state: dict[str, Tensor], renames: dict[str, str]) -> dict[str, Tensor]:
+    """``state`` with each key starting with a ``renames`` prefix moved to its new prefix."""
+    def move(key: str) -> str:
+        old = next((p for p in renames if key.startswith(p)), None)
+        return key if old is None else renames[old] + key[len(old):]
+    return {move(k): v for k, v in state.items()}
 
 
 def original_scheduler_config(ckpt: OriginalCheckpoint) -> dict:
@@ -181,16 +218,17 @@ def original_autoencoder(ckpt: OriginalCheckpoint, weights: bool = True):
 
     stage = ckpt.params.get("first_stage_config") or {}
     ddconfig = stage.get("params", {}).get("ddconfig", {})
-    if ddconfig.get("attn_resolutions"):
-        raise ConfigError("first_stage_config.params.ddconfig.attn_resolutions (in the YAML)",
-                          ddconfig["attn_resolutions"], "diffusers' autoencoders have attention only in the middle "
-                          "block; this autoencoder cannot be loaded without weights left random")
+    if ddconfig.get("attn_type", "vanilla") != "vanilla":
+        raise ConfigError("first_stage_config.params.ddconfig.attn_type (in the YAML)", ddconfig["attn_type"],
+                          "must be 'vanilla' (diffusers' autoencoders have softmax attention only)")
     if "scale_factor" in ckpt.state:
         scale = float(ckpt.state["scale_factor"])
     else:
         scale = float(ckpt.params.get("scale_factor", 1.0))
     config = create_vae_diffusers_config_from_ldm(ckpt.config, ckpt.state, scaling_factor=scale)
     config["sample_size"] = ddconfig.get("resolution", config["sample_size"])
+    if ddconfig.get("ch_mult"):
+        config["down_block_types"], config["up_block_types"] = _vae_block_types(ddconfig)
     vq = stage.get("target", "").endswith(("VQModel", "VQModelInterface"))
     if vq:
         config |= {"num_vq_embeddings": stage["params"]["n_embed"], "vq_embed_dim": stage["params"]["embed_dim"]}
@@ -199,12 +237,40 @@ def original_autoencoder(ckpt: OriginalCheckpoint, weights: bool = True):
                           f"must equal ddconfig.z_channels ({ddconfig.get('z_channels')}) for diffusers' AutoencoderKL")
     vae = (VQModel if vq else AutoencoderKL).from_config(config)
     if weights:
-        state = convert_ldm_vae_checkpoint(ckpt.state, config)
+        state = _with_block_attention(convert_ldm_vae_checkpoint(ckpt.state, config), ckpt,
+                                      len(config["down_block_types"]))
         if vq:
             state["quantize.embedding.weight"] = ckpt.state.get(VAE + "quantize.embedding.weight")
         source = {k for k in ckpt.part(VAE) if "loss." not in k}  # CompVis keeps the training loss (LPIPS) here
         _strict_load(vae, {k: v for k, v in state.items() if v is not None}, len(source), ckpt, "autoencoder")
     return vae
+
+
+def _vae_block_types(ddconfig: dict) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Encoder and decoder block types. CompVis' ``Encoder`` / ``Decoder`` (ldm/modules/diffusionmodules/model.py)
+    put an ``AttnBlock`` after each ResnetBlock of a level whose resolution (``resolution / 2**level``) is in
+    ``attn_resolutions``; diffusers' decoder lists the levels from the lowest resolution up."""
+    attention = set(ddconfig.get("attn_resolutions") or ())
+    levels = [ddconfig.get("resolution", 0) // 2 ** i in attention for i in range(len(ddconfig.get("ch_mult", [])))]
+    down = tuple("AttnDownEncoderBlock2D" if a else "DownEncoderBlock2D" for a in levels)
+    up = tuple("AttnUpDecoderBlock2D" if a else "UpDecoderBlock2D" for a in reversed(levels))
+    return down, up
+
+
+def _with_block_attention(state: dict[str, Tensor], ckpt: OriginalCheckpoint, levels: int) -> dict[str, Tensor]:
+    """Add the blocks' attention (``encoder.down.{i}.attn.{j}``, ``decoder.up.{i}.attn.{j}``: 1x1 convolutions)
+    to a converted autoencoder state as diffusers' linear ``attentions``, renamed by diffusers' own mid-block rule.
+    ``convert_ldm_vae_checkpoint`` knows only the middle block's attention: it copies these keys unrenamed."""
+    from diffusers.loaders.single_file_utils import update_vae_attentions_ldm_to_diffusers
+
+    source = {k[len(VAE):]: v for k, v in ckpt.part(VAE).items()}
+    state = {k: v for k, v in state.items() if ".attn." not in k}
+    for i in range(levels):
+        for old, new in ((f"encoder.down.{i}.attn.", f"encoder.down_blocks.{i}.attentions."),
+                         (f"decoder.up.{i}.attn.", f"decoder.up_blocks.{levels - 1 - i}.attentions.")):
+            keys = [k for k in source if k.startswith(old)]
+            update_vae_attentions_ldm_to_diffusers(keys, state, source, mapping={"old": old, "new": new})
+    return state
 
 
 def original_class_embedding(path: str, field: str) -> Tensor:

@@ -2,7 +2,8 @@
 ``UNet2DModel`` for an unconditional LDM (self-attention only).
 
 :func:`build_unet` makes one from a small typed config; :func:`load_unet` loads a pretrained one (the class its
-config names). The attention modules of this UNet (its ``Transformer2DModel`` blocks; a ``UNet2DModel``'s
+config names; :class:`~dpldm.modules.unet_updown.UpDownUNet2DConditionModel` for CompVis ``resblock_updown``
+UNets). The attention modules of this UNet (its ``Transformer2DModel`` blocks; a ``UNet2DModel``'s
 ``Attention`` modules) are what DP-LDM fine-tunes. :func:`denoise` calls either.
 """
 
@@ -13,6 +14,9 @@ from diffusers import UNet2DConditionModel, UNet2DModel
 
 from dpldm.modules.hub import dtype_of, load_pretrained
 from dpldm.modules.original import is_original_file, original_unet, read_original
+from dpldm.modules.unet_updown import UpDownUNet2DConditionModel
+
+UNET_CLASSES = {cls.__name__: cls for cls in (UNet2DConditionModel, UNet2DModel, UpDownUNet2DConditionModel)}
 
 
 def build_unet(
@@ -92,7 +96,7 @@ def load_unet(path: str, subfolder: str | None = None, weights: bool = True, rev
         unet = original_unet(read_original(path, original_config, key), weights, ema)
         return unet.to(dtype) if dtype is not None else unet
     config = load_pretrained(UNet2DConditionModel.load_config, path, key, "UNet config", subfolder or None, revision)
-    cls = UNet2DModel if config.get("_class_name") == "UNet2DModel" else UNet2DConditionModel  # as the folder says
+    cls = UNET_CLASSES.get(config.get("_class_name"), UNet2DConditionModel)  # the class the folder names
     if not weights:
         unet = cls.from_config(config)
     else:

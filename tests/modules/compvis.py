@@ -28,6 +28,7 @@ def unet_to_compvis(state: dict[str, Tensor], layers_per_block: int, attention: 
     CompVis numbers its blocks in one list per direction: ``input_blocks.0`` is conv_in, then per level
     ``layers_per_block`` x [ResBlock, SpatialTransformer?] and a Downsample (all but the last level);
     ``output_blocks`` has ``layers_per_block + 1`` x [ResBlock, SpatialTransformer?, Upsample (last of a level)].
+    With ``resblock_updown`` the Downsample / Upsample is a ResBlock (diffusers: ``downsamplers.0.resnet``).
     """
     per = layers_per_block + 1
     fixed = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
@@ -41,6 +42,12 @@ def unet_to_compvis(state: dict[str, Tensor], layers_per_block: int, attention: 
             b, kind, i, rest = int(m[1]), m[2], int(m[3]), m[4]
             block = f"input_blocks.{1 + b * per + i}"
             new = f"{block}.0.{_resnet(rest)}" if kind == "resnets" else f"{block}.1.{rest}"
+        elif m := re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.resnet\.(.*)", key):  # resblock_updown
+            new = f"input_blocks.{1 + int(m[1]) * per + layers_per_block}.0.{_resnet(m[2])}"
+        elif m := re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.resnet\.(.*)", key):
+            b = int(m[1])
+            position = 2 if list(reversed(attention))[b] else 1
+            new = f"output_blocks.{b * per + layers_per_block}.{position}.{_resnet(m[2])}"
         elif m := re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.*)", key):
             new = f"input_blocks.{1 + int(m[1]) * per + layers_per_block}.0.op.{m[2]}"
         elif m := re.match(r"mid_block\.(resnets|attentions)\.(\d+)\.(.*)", key):
@@ -63,7 +70,8 @@ def vae_to_compvis(state: dict[str, Tensor], num_blocks: int) -> dict[str, Tenso
     """A diffusers ``AutoencoderKL`` / ``VQModel`` state dict -> CompVis ``AutoencoderKL`` / ``VQModel`` keys.
 
     The decoder's ``up`` list runs from the lowest resolution in diffusers and from the highest in CompVis; the
-    mid-block attention is 1x1 convolutions (``q``, ``k``, ``v``, ``proj_out``) in CompVis, linear in diffusers.
+    attention (middle block ``mid.attn_1``, block attention ``down.{i}.attn.{j}`` / ``up.{i}.attn.{j}``) is 1x1
+    convolutions (``q``, ``k``, ``v``, ``proj_out``) in CompVis, linear in diffusers.
     """
     attention = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
     out = {}
@@ -75,9 +83,13 @@ def vae_to_compvis(state: dict[str, Tensor], num_blocks: int) -> dict[str, Tenso
                      lambda m: f"decoder.up.{num_blocks - 1 - int(m[1])}.block.", new)
         new = re.sub(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
                      lambda m: f"decoder.up.{num_blocks - 1 - int(m[1])}.upsample.", new)
+        new = new.replace("mid_block.attentions.0.", "mid.attn_1.")
         new = re.sub(r"mid_block\.resnets\.(\d)\.", lambda m: f"mid.block_{int(m[1]) + 1}.", new)
-        if m := re.match(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.*)\.(weight|bias)", new):
-            new = f"{m[1]}.mid.attn_1.{attention[m[2]]}.{m[3]}"
+        new = re.sub(r"encoder\.down_blocks\.(\d+)\.attentions\.(\d+)\.", r"encoder.down.\1.attn.\2.", new)
+        new = re.sub(r"decoder\.up_blocks\.(\d+)\.attentions\.(\d+)\.",
+                     lambda m: f"decoder.up.{num_blocks - 1 - int(m[1])}.attn.{m[2]}.", new)
+        if m := re.match(r"(.*\.(?:mid\.attn_1|attn\.\d+))\.(.*)\.(weight|bias)", new):
+            new = f"{m[1]}.{attention[m[2]]}.{m[3]}"
             if m[3] == "weight" and m[2] != "group_norm":
                 value = value[:, :, None, None]  # linear -> 1x1 conv
         out[new] = value

@@ -12,11 +12,16 @@ from dpldm.privacy.settings import PrivacyPlan
 from tests.conftest import TINY_AE, TINY_UNET
 
 
-def make_model(noise_draws=1, kind="attention"):
+def make_model(noise_draws=1, kind="attention", updown=False):
+    """A tiny class-conditional LDM; ``updown``: its UNet joins levels by ResBlocks (CompVis resblock_updown)."""
+    from dpldm.modules import UpDownUNet2DConditionModel
     from dpldm.privacy import TrainableScope
 
     torch.manual_seed(0)
-    model = LatentDiffusion(build_unet(**TINY_UNET), FrozenAutoencoder(build_autoencoder(**TINY_AE)),
+    unet = build_unet(**TINY_UNET)
+    if updown:
+        unet = UpDownUNet2DConditionModel.from_config(unet.config)
+    model = LatentDiffusion(unet, FrozenAutoencoder(build_autoencoder(**TINY_AE)),
                             ClassEmbedder(10, embed_dim=16), noise_draws=noise_draws, cond_drop_prob=0.2,
                             scope=TrainableScope(kind), privacy=DifferentialPrivacy(epsilon=10, seed=0))
     if kind == "lora":

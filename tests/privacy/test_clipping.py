@@ -18,12 +18,13 @@ ARCH = str(Path(__file__).resolve().parents[2] / "configs" / "laion" / "tiny-cli
 @pytest.mark.parametrize("mode", ["fast", "ghost"])
 @pytest.mark.parametrize("noise_draws, physical, kind", [
     (1, 7, "attention"), (3, 7, "attention"), (2, 3, "attention"), (2, 4, "full"), (1, 7, "cross_attention"),
-    (2, 3, "lora"),
+    (2, 3, "lora"), (2, 4, "full+updown"),
 ])
 def test_modes_give_the_same_clipped_noised_update(mode, noise_draws, physical, kind):
     data, updates = batch(7), {}
+    kind, updown = kind.split("+")[0], kind.endswith("+updown")  # updown: a resblock_updown UNet (DP-LDM's)
     for clipping in ("hooks", mode):
-        model = make_model(noise_draws, kind)
+        model = make_model(noise_draws, kind, updown)
         engine = make_engine(model, 7, sigma=0.5, clip=0.05, clipping=clipping, physical=physical)
         updates[clipping] = dp_update(model, engine, data, noise_draws)
     assert updates["hooks"].abs().max() > 0

@@ -49,6 +49,17 @@ def test_per_example_gradients_match_brute_force(noise_draws, kind):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
 
 
+def test_a_resblock_updown_unet_trained_whole_has_exact_per_example_gradients():
+    """DP-LDM's UNets (ResBlock resamplers fed the time embedding by a pre-hook): Opacus's hooks still give each
+    example's own gradient, resamplers included."""
+    model = make_model(2, "full", updown=True)
+    engine = make_engine(model, 4)
+    assert any("downsamplers.0.resnet" in n for n, p in model.unet.named_parameters() if p.requires_grad)
+    data = batch(4)
+    for g, r in zip(dp_per_example_grads(model, engine, data, physical=4), brute_force_grads(model, engine, data)):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+
+
 def test_micro_batches_give_per_example_gradients_in_order():
     model = make_model(noise_draws=2)
     engine = make_engine(model, 7)
