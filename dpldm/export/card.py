@@ -68,7 +68,7 @@ def base_models(cfg: dict, run_dir: str) -> list[str]:
     conditioner = model.get("conditioner", {})
     if conditioner.get("class_path", "").endswith("PipelineTextEncoder"):  # the base pipeline's own text encoder
         args = conditioner["init_args"]
-        parts["text encoder"] = {"init_args": {"path": args["path"],
+        parts["text encoder"] = {"init_args": {"path": args["path"], "config": args.get("config"),
                                                "subfolder": args.get("text_encoder") or "text_encoder"}}
     found_paths = rebased({name: part.get("init_args", {}).get("path") for name, part in parts.items()}, run_dir)
     lines = []
@@ -80,7 +80,8 @@ def base_models(cfg: dict, run_dir: str) -> list[str]:
             continue
         found = found_paths[name]
         single = os.path.isfile(found)  # a CompVis-layout checkpoint: its YAML, not a subfolder
-        where = f"`{path}`" + (f" (YAML `{args.get('original_config')}`)" if single else
+        where = f"`{path}`" + (f" (config and tokenizer `{args['config']}`)" if single and args.get("config") else
+                               f" (YAML `{args.get('original_config')}`)" if single else
                                f" (subfolder `{subfolder}`)" if subfolder else "")
         digest = _weights_hash(found, subfolder) if os.path.exists(found) else None
         start = "" if args.get("weights", True) else "; architecture only, random initial weights"

@@ -283,3 +283,42 @@ def original_class_embedding(path: str, field: str) -> Tensor:
                                        f"{sorted(k for k in state if k.startswith(COND))[:6]}")
     public = state[key].float()
     return torch.cat([public, public.mean(0, keepdim=True)])
+
+
+def original_text_encoder(path: str, encoder_cls: type, config: object, field: str) -> torch.nn.Module:
+    """The text encoder of a Stable Diffusion single file, as the transformers class ``encoder_cls`` with
+    ``config`` (from the diffusers pipeline of the same model): SD 1.x's ``FrozenCLIPEmbedder``
+    (``cond_stage_model.transformer.*``, already CLIPTextModel keys) or SD 2.x's ``FrozenOpenCLIPEmbedder``
+    (``cond_stage_model.model.*``, converted by diffusers' ``convert_open_clip_checkpoint``; the blocks past the
+    config's depth, the text projection and the logit scale are not part of SD 2's conditioning). Loaded
+    strictly; ``position_ids`` (a buffer transformers no longer saves) is skipped."""
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_open_clip_checkpoint,
+        is_clip_model,
+        is_open_clip_model,
+    )
+
+    state = {k: v for k, v in read_state(path, field).items() if not k.endswith("position_ids")}
+    model = encoder_cls(config)
+    if is_clip_model(state):
+        converted = convert_ldm_clip_checkpoint(state)
+    elif is_open_clip_model(state):
+        converted = convert_open_clip_checkpoint(model, state, prefix=COND + "model.")
+        # SD 2.x conditions on the penultimate layer: its encoder config has one block fewer than the file
+        # (diffusers ignores block 23 by name, a full-size rule); drop every block past the config's depth.
+        depth = config.num_hidden_layers
+        converted = {k: v for k, v in converted.items()
+                     if not (k.startswith("text_model.encoder.layers.") and int(k.split(".")[3]) >= depth)}
+    else:
+        raise ConfigError(field, path, f"has no Stable Diffusion text encoder ({COND}transformer.* or "
+                                       f"{COND}model.*); its conditioner keys: "
+                                       f"{sorted(k for k in state if k.startswith(COND))[:6]}")
+    if not hasattr(model, "text_model"):  # transformers >= 5.6 flattened CLIPTextModel
+        converted = {k.removeprefix("text_model."): v for k, v in converted.items()}
+    # SD 2.x's diffusers encoder ends one block early (SD 2 conditions on the penultimate layer): the entries
+    # diffusers drops there are by design, so only the model's side is checked for open_clip files.
+    source = sum(k.startswith(COND) for k in state) if is_clip_model(state) else len(converted)
+    _strict_load(model, converted, source, OriginalCheckpoint(path, state, {}, field), "text encoder")
+    return model
+

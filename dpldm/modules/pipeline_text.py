@@ -7,7 +7,8 @@ The classes come from the pipeline's ``model_index.json`` (``"text_encoder": ["t
 The tokens are the encoder's per-token output (``CLIPTextModel``: ``last_hidden_state``, after the final layer
 norm; SD 2.x's converted encoder already ends at the penultimate layer), or, for CLIP, the hidden state of layer
 ``hidden_layer`` through the final layer norm (diffusers' ``clip_skip``). Captions are padded to 77 tokens, as
-both pipelines encode them.
+both pipelines encode them. A Stable Diffusion single file's own encoder loads with ``config`` naming the
+pipeline that gives its config and tokenizer.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import Tensor, nn
 from dpldm.errors import ConfigError
 from dpldm.modules.conditioning import FrozenTextEncoder
 from dpldm.modules.hub import load_pretrained
+from dpldm.modules.original import is_original_file, original_text_encoder
 
 FIELD = "model.init_args.conditioner.init_args"
 MAX_LENGTH = 77  # what SD's and LDM's pipelines pad and truncate captions to
@@ -51,16 +53,34 @@ class PipelineTextEncoder(FrozenTextEncoder):
             encoder's output.
         projection_dim: output width D of a learned projection (trained under DP when the scope includes the
             conditioner); ``None``: the text width, as the base UNet expects.
+        config: when ``path`` is a Stable Diffusion single file (``.safetensors`` / ``.ckpt``, its text encoder
+            under ``cond_stage_model.*``): the diffusers pipeline of the same model (folder or hub id) that gives
+            the encoder's config and the tokenizer (:func:`dpldm.modules.original.original_text_encoder`).
     """
 
     def __init__(self, path: str, revision: str | None = None, text_encoder: str = "text_encoder",
-                 tokenizer: str = "tokenizer", hidden_layer: int | None = None, projection_dim: int | None = None):
+                 tokenizer: str = "tokenizer", hidden_layer: int | None = None, projection_dim: int | None = None,
+                 config: str | None = None):
         super().__init__()
-        encoder_cls = component_class(path, text_encoder, revision)
-        self.text_model = load_pretrained(encoder_cls.from_pretrained, path, f"{FIELD}.path", "text encoder",
-                                          text_encoder, revision)
-        self.tokenizer = load_pretrained(component_class(path, tokenizer, revision).from_pretrained, path,
-                                         f"{FIELD}.path", "tokenizer", tokenizer, revision)
+        pipeline = path
+        if is_original_file(path):  # a single file holds the weights; a pipeline folder the config and tokenizer
+            if config is None:
+                raise ConfigError(f"{FIELD}.config", None, f"{FIELD}.path = {path!r} is a single checkpoint file: "
+                                  "name the diffusers pipeline of the same model (folder or hub id) for the text "
+                                  "encoder's config and the tokenizer, as from_single_file(config=...), e.g. "
+                                  "stable-diffusion-v1-5/stable-diffusion-v1-5 (SD 1.x)")
+            pipeline = config
+        encoder_cls = component_class(pipeline, text_encoder, revision)
+        if is_original_file(path):
+            encoder_config = load_pretrained(encoder_cls.config_class.from_pretrained, pipeline, f"{FIELD}.config",
+                                             "text encoder config", text_encoder, revision)
+            self.text_model = original_text_encoder(path, encoder_cls, encoder_config, f"{FIELD}.path")
+        else:
+            self.text_model = load_pretrained(encoder_cls.from_pretrained, path, f"{FIELD}.path", "text encoder",
+                                              text_encoder, revision)
+        key = f"{FIELD}.config" if pipeline is config else f"{FIELD}.path"
+        self.tokenizer = load_pretrained(component_class(pipeline, tokenizer, revision).from_pretrained, pipeline,
+                                         key, "tokenizer", tokenizer, revision)
         self.context_length = MAX_LENGTH  # the latent cache's fingerprint reads it
         self.final_norm = getattr(getattr(self.text_model, "text_model", self.text_model), "final_layer_norm", None)
         if hidden_layer is not None and self.final_norm is None:
