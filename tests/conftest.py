@@ -114,13 +114,10 @@ def write_tiny_sd(folder, prediction_type: str = "epsilon"):
     """A tiny Stable-Diffusion-layout pipeline folder (random weights, nothing downloaded): ``unet/``, ``vae/``
     (f = 4, RGB), ``scheduler/``, ``text_encoder/`` (a 2-layer CLIPTextModel of width 16) and ``tokenizer/``
     (CLIP's real BPE, built from the vocabulary open_clip ships)."""
-    import gzip
-    import os
-
-    import open_clip
     from diffusers import DDPMScheduler
-    from open_clip.tokenizer import bytes_to_unicode
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from dpldm.export.open_clip_text import clip_vocabulary
 
     torch.manual_seed(0)
     build_unet(sample_size=8, in_channels=4, block_out_channels=(16, 32), attention=(True, True),
@@ -129,14 +126,8 @@ def write_tiny_sd(folder, prediction_type: str = "epsilon"):
                       norm_num_groups=4).save_pretrained(folder / "vae")
     DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
                   steps_offset=1, prediction_type=prediction_type).save_pretrained(folder / "scheduler")  # SD's
-    # CLIP's vocabulary as its SimpleTokenizer builds it: bytes, bytes + </w>, the merges, two special tokens
-    bpe = os.path.join(os.path.dirname(open_clip.__file__), "bpe_simple_vocab_16e6.txt.gz")
-    merges = gzip.open(bpe).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
-    units = list(bytes_to_unicode().values())
-    vocab = units + [u + "</w>" for u in units] + ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=[tuple(m.split()) for m in merges],
-                  model_max_length=77).save_pretrained(folder / "tokenizer")
+    vocab, merges = clip_vocabulary()  # CLIP's, as open_clip's SimpleTokenizer builds it
+    CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77).save_pretrained(folder / "tokenizer")
     config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                             num_attention_heads=2, max_position_embeddings=77, bos_token_id=len(vocab) - 2,
                             eos_token_id=len(vocab) - 1, pad_token_id=len(vocab) - 1)

@@ -1,15 +1,18 @@
 """The LAION workflow end to end on the tiny config: shards -> latent cache -> DP fine-tune -> samples."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from dpldm.cli import main
 from dpldm.commands.cache import main as cache
 from dpldm.datamodules.cache_writer import CacheMismatchError
-from tests.conftest import user_error
+from dpldm.runs import load_run
 from tests.shards import write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +33,7 @@ def tiny_args(tmp_path):
             f"model_name: {ARCH}, pretrained: null, num_samples: 4, sampling: {{num_steps: 2}}}}}}]"]
 
 
-def test_tiny_text_to_image_pipeline(tiny_args, tmp_path, capsys):
+def test_tiny_text_to_image_pipeline(tiny_args, tmp_path):
     meta = cache(tiny_args)
     assert meta["num_records"] == 10 and meta["views"] == 2
     assert meta["fields"]["moments"] == [10, 2, 8, 8, 8] and meta["fields"]["text_features"] == [10, 16, 24]
@@ -55,8 +58,23 @@ def test_tiny_text_to_image_pipeline(tiny_args, tmp_path, capsys):
     saved = np.load(out / "samples.npz")
     assert saved["images"].shape == (4, 32, 32, 3) and saved["images"].dtype == np.uint8
     assert list(saved["prompts"]) == ["a photo of item 1"] * 2 + ["a red square"] * 2
-    # not exported yet, and it says so
-    assert "class-conditional" in user_error(capsys, ["export", str(tmp_path / "run"), str(tmp_path / "exported")])
+
+    # exported: the open_clip tower as a CLIPTextModel, loadable without dpldm or open_clip, the run's images
+    main(["export", str(tmp_path / "run"), str(tmp_path / "exported")])
+    want = load_run(str(tmp_path / "run")).sample(["a photo of item 1", "A red SQUARE!"], num_steps=2,
+                                                  generator=torch.Generator().manual_seed(0))
+    index = json.loads((tmp_path / "exported" / "model_index.json").read_text())
+    assert index["_class_name"] == ["pipeline", "DPLDMTextPipeline"] and index["text_encoder"][1] == "CLIPTextModel"
+    assert "trust_remote_code=True" in (tmp_path / "exported" / "README.md").read_text()
+    without = ("import sys, torch; sys.modules['dpldm'] = sys.modules['open_clip'] = None\n"  # imports now fail
+               "from diffusers import DiffusionPipeline\n"
+               f"pipe = DiffusionPipeline.from_pretrained({str(tmp_path / 'exported')!r}, trust_remote_code=True)\n"
+               "x = pipe(['a photo of item 1', 'A red SQUARE!'], num_inference_steps=2, output_type='pt', "
+               "generator=torch.Generator().manual_seed(0)).images\n"
+               f"torch.save(x, {str(tmp_path / 'got.pt')!r})")
+    done = subprocess.run([sys.executable, "-c", without], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    torch.testing.assert_close(torch.load(tmp_path / "got.pt"), want, atol=1e-5, rtol=0)
 
 
 def test_the_cache_refuses_another_text_encoder(tiny_args, tmp_path):

@@ -2,7 +2,8 @@
 
 A run on a base pipeline's own text encoder exports as that standard pipeline: a ``StableDiffusionPipeline``
 (CLIP) or an ``LDMTextToImagePipeline`` (CompVis' LDMBert), an unconditional one as an ``LDMPipeline``, loadable
-without custom code. A class-conditional run's OUT
+without custom code; an open_clip text run as dpldm's ``DPLDMTextPipeline`` (its tower converted to a
+``CLIPTextModel``, :mod:`dpldm.export.open_clip_text`). A class-conditional run's OUT
 holds ``model_index.json``, ``unet/`` (EMA weights when kept; LoRA adapters merged), ``vae/`` (its latent
 scale factor the run's), ``scheduler/`` (the run's solver on its training schedule), ``conditioning/`` (the
 class embedding), ``pipeline.py`` (:mod:`dpldm.export.pipeline`: torch and diffusers only) and ``README.md``
@@ -35,7 +36,7 @@ def export_run(run_dir: str, out: str, checkpoint: str | None = None) -> str:
     """
     from dpldm.export.card import model_card
     from dpldm.modules.pipeline_text import PipelineTextEncoder
-    from dpldm.modules.conditioning import ClassEmbedder, Unconditional
+    from dpldm.modules.conditioning import ClassEmbedder, OpenCLIPTextEncoder, Unconditional
     from dpldm.privacy.scope import merged_unet
     from dpldm.runs import load_run_and_data, saved_config
 
@@ -48,11 +49,13 @@ def export_run(run_dir: str, out: str, checkpoint: str | None = None) -> str:
     elif isinstance(cond, PipelineTextEncoder) and cond.projection is None and type(cond.text_model).__name__ in (
             "CLIPTextModel", "LDMBertModel"):
         write = _text_to_image
+    elif isinstance(cond, OpenCLIPTextEncoder):
+        write = _open_clip_text
     else:
         raise ConfigError("model.init_args.conditioner", type(cond).__name__,
-                          "dpldm export writes class-conditional (ClassEmbedder) and unconditional models and runs "
-                          "on a base pipeline's own CLIPTextModel or LDMBert (PipelineTextEncoder, no projection)"
-                          " so far")
+                          "dpldm export writes class-conditional (ClassEmbedder), unconditional and open_clip runs "
+                          "and runs on a base pipeline's own CLIPTextModel or LDMBert (PipelineTextEncoder, no "
+                          "projection) so far")
     privacy = torch.load(path, map_location="cpu", weights_only=False).get("privacy")
     with model.ema_weights():  # the weights the run samples with
         unet = merged_unet(model.unet)
@@ -80,11 +83,42 @@ def _class_conditional(model: object, unet: object, vae: object, out: str) -> No
                   guidance_scale=model.guidance_scale).save_pretrained(out)
     for folder in (out, os.path.join(out, "conditioning")):  # the pipeline's and the component's code
         shutil.copy(PIPELINE, os.path.join(folder, "pipeline.py"))
+    _name_in_index(out, "_class_name", "pipeline", "DPLDMPipeline")  # diffusers loads both from pipeline.py
+    _name_in_index(out, "conditioning", "pipeline", "ClassEmbedding")
+
+
+def _open_clip_text(model: object, unet: object, vae: object, out: str) -> None:
+    """dpldm's text pipeline (``pipeline.py``): the open_clip tower as a ``CLIPTextModel`` + ``CLIPTokenizer``
+    (:mod:`dpldm.export.open_clip_text`, checked against the run's features before anything is written) and the
+    run's learned projection."""
+    from dpldm.export.open_clip_text import check_same_features, clip_text_model, clip_tokenizer
+    from dpldm.export.pipeline import DPLDMTextPipeline, TextProjection
+    from dpldm.modules.sampling import solver_scheduler
+
+    cond = model.conditioner
+    text_model, tokenizer = clip_text_model(cond), clip_tokenizer(cond.positional_embedding.shape[0])
+    check_same_features(cond, text_model, tokenizer, ["a photograph of a dog on a beach", "A RED square, on white!"])
+    projection = None
+    if cond.projection is not None:
+        projection = TextProjection(cond.projection.in_features, cond.projection.out_features)
+        projection.linear.load_state_dict(cond.projection.state_dict())
+    pipe = DPLDMTextPipeline(unet=unet, vae=vae, scheduler=solver_scheduler(model.noise_scheduler, model.solver),
+                             text_encoder=text_model, tokenizer=tokenizer, projection=projection,
+                             num_inference_steps=model.sampling_steps, guidance_scale=model.guidance_scale)
+    pipe.save_pretrained(out)
+    shutil.copy(PIPELINE, os.path.join(out, "pipeline.py"))
+    _name_in_index(out, "_class_name", "pipeline", "DPLDMTextPipeline")
+    if projection is not None:  # the component's code beside its weights
+        shutil.copy(PIPELINE, os.path.join(out, "projection", "pipeline.py"))
+        _name_in_index(out, "projection", "pipeline", "TextProjection")
+
+
+def _name_in_index(out: str, component: str, module: str, cls: str) -> None:
+    """Make ``model_index.json`` in ``out`` name ``module.cls`` (a file in the folder) for ``component``."""
     index_path = os.path.join(out, "model_index.json")
     with open(index_path) as f:
         index = json.load(f)
-    index["_class_name"] = ["pipeline", "DPLDMPipeline"]  # diffusers loads both from the folder's pipeline.py
-    index["conditioning"] = ["pipeline", "ClassEmbedding"]
+    index[component] = [module, cls]
     with open(index_path, "w") as f:
         json.dump(index, f, indent=2)
 
@@ -97,12 +131,7 @@ def _unet_code(unet: object, out: str) -> None:
     if not isinstance(unet, unet_updown.UpDownUNet2DConditionModel):
         return
     shutil.copy(unet_updown.__file__, os.path.join(out, "unet", "unet_updown.py"))
-    index_path = os.path.join(out, "model_index.json")
-    with open(index_path) as f:
-        index = json.load(f)
-    index["unet"] = ["unet_updown", "UpDownUNet2DConditionModel"]
-    with open(index_path, "w") as f:
-        json.dump(index, f, indent=2)
+    _name_in_index(out, "unet", "unet_updown", "UpDownUNet2DConditionModel")
 
 
 def _unconditional(model: object, unet: object, vae: object, out: str) -> None:

@@ -30,6 +30,14 @@ pipe = DiffusionPipeline.from_pretrained("{folder}", trust_remote_code=True)  # 
 images = pipe(class_labels=list(range({classes})), num_inference_steps={steps}).images
 ```"""
 
+OPEN_CLIP_USAGE = """```python
+from diffusers import DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained("{folder}", trust_remote_code=True)  # pipeline.py: torch + diffusers
+images = pipe(["a photograph of a dog on a beach"], num_inference_steps={steps}).images
+```
+The run's open_clip text tower is stored as a transformers `CLIPTextModel` (checked to give the run's features)."""
+
 CAVEATS = """## What the guarantee does not cover
 
 - **The public base model and its data.** They are not private: anything the base model memorised from its own
@@ -131,6 +139,8 @@ def model_card(name: str, model: object, privacy: dict | None, cfg: dict, run_di
         usage = USAGE.format(folder=name, classes=classes, steps=model.sampling_steps)
     elif model.conditioner.embed_dim is None:  # unconditional
         usage = UNCONDITIONAL_USAGE.format(folder=name, steps=model.sampling_steps)
+    elif hasattr(model.conditioner, "model_name"):  # an open_clip tower: dpldm's text pipeline
+        usage = OPEN_CLIP_USAGE.format(folder=name, steps=model.sampling_steps)
     else:
         usage = TEXT_USAGE.format(folder=name, steps=model.sampling_steps, pipeline=pipeline)
     body += ["## Public base model", "", *base_models(cfg, run_dir), "", "## Use", "", usage, "", CAVEATS, ""]
