@@ -286,8 +286,9 @@ def original_class_embedding(path: str, field: str) -> Tensor:
 
 
 def original_text_encoder(path: str, encoder_cls: type, config: object, field: str) -> torch.nn.Module:
-    """The text encoder of a Stable Diffusion single file, as the transformers class ``encoder_cls`` with
-    ``config`` (from the diffusers pipeline of the same model): SD 1.x's ``FrozenCLIPEmbedder``
+    """The text encoder of a single file, as the class ``encoder_cls`` with ``config`` (from the diffusers pipeline
+    of the same model): CompVis' ``BERTEmbedder`` as an ``LDMBertModel`` (:func:`_ldm_bert_state`), SD 1.x's
+    ``FrozenCLIPEmbedder``
     (``cond_stage_model.transformer.*``, already CLIPTextModel keys) or SD 2.x's ``FrozenOpenCLIPEmbedder``
     (``cond_stage_model.model.*``, converted by diffusers' ``convert_open_clip_checkpoint``; the blocks past the
     config's depth, the text projection and the logit scale are not part of SD 2's conditioning). Loaded
@@ -301,7 +302,9 @@ def original_text_encoder(path: str, encoder_cls: type, config: object, field: s
 
     state = {k: v for k, v in read_state(path, field).items() if not k.endswith("position_ids")}
     model = encoder_cls(config)
-    if is_clip_model(state):
+    if COND + "transformer.token_emb.weight" in state:  # CompVis' BERTEmbedder (the text-to-image LDM's)
+        converted = _ldm_bert_state(state, config.encoder_layers)
+    elif is_clip_model(state):
         converted = convert_ldm_clip_checkpoint(state)
     elif is_open_clip_model(state):
         converted = convert_open_clip_checkpoint(model, state, prefix=COND + "model.")
@@ -311,14 +314,36 @@ def original_text_encoder(path: str, encoder_cls: type, config: object, field: s
         converted = {k: v for k, v in converted.items()
                      if not (k.startswith("text_model.encoder.layers.") and int(k.split(".")[3]) >= depth)}
     else:
-        raise ConfigError(field, path, f"has no Stable Diffusion text encoder ({COND}transformer.* or "
-                                       f"{COND}model.*); its conditioner keys: "
+        raise ConfigError(field, path, f"has no text encoder dpldm reads (SD's {COND}transformer.text_model.*, "
+                                       f"{COND}model.*, CompVis' BERTEmbedder); its conditioner keys: "
                                        f"{sorted(k for k in state if k.startswith(COND))[:6]}")
     if not hasattr(model, "text_model"):  # transformers >= 5.6 flattened CLIPTextModel
         converted = {k.removeprefix("text_model."): v for k, v in converted.items()}
     # SD 2.x's diffusers encoder ends one block early (SD 2 conditions on the penultimate layer): the entries
     # diffusers drops there are by design, so only the model's side is checked for open_clip files.
-    source = sum(k.startswith(COND) for k in state) if is_clip_model(state) else len(converted)
+    source = len(converted) if is_open_clip_model(state) else sum(k.startswith(COND) for k in state)
     _strict_load(model, converted, source, OriginalCheckpoint(path, state, {}, field), "text encoder")
     return model
 
+
+def _ldm_bert_state(state: dict[str, Tensor], depth: int) -> dict[str, Tensor]:
+    """CompVis' ``BERTEmbedder`` (an x-transformers ``TransformerWrapper``: ``attn_layers.layers`` alternates
+    [LayerNorm, Attention] and [LayerNorm, FeedForward(net: Linear, GELU, Dropout, Linear)]) -> diffusers'
+    ``LDMBertModel`` keys, the correspondence diffusers' ``convert_from_ckpt.convert_ldm_bert_checkpoint``
+    copies module by module (that function needs the CompVis modules built; this reads the state dict)."""
+    src = COND + "transformer."
+    names = {"model.embed_tokens.weight": "token_emb.weight", "model.embed_positions.weight": "pos_emb.emb.weight",
+             "model.layer_norm.weight": "norm.weight", "model.layer_norm.bias": "norm.bias",
+             "to_logits.weight": "to_logits.weight", "to_logits.bias": "to_logits.bias"}
+    for i in range(depth):
+        attention, feed_forward, ours = f"attn_layers.layers.{2 * i}.", f"attn_layers.layers.{2 * i + 1}.", \
+            f"model.layers.{i}."
+        for p in ("weight", "bias"):
+            names[f"{ours}self_attn_layer_norm.{p}"] = f"{attention}0.{p}"
+            names[f"{ours}self_attn.out_proj.{p}"] = f"{attention}1.to_out.{p}"
+            names[f"{ours}final_layer_norm.{p}"] = f"{feed_forward}0.{p}"
+            names[f"{ours}fc1.{p}"] = f"{feed_forward}1.net.0.0.{p}"
+            names[f"{ours}fc2.{p}"] = f"{feed_forward}1.net.2.{p}"
+        for x in "qkv":
+            names[f"{ours}self_attn.{x}_proj.weight"] = f"{attention}1.to_{x}.weight"
+    return {new: state[src + old] for new, old in names.items() if src + old in state}

@@ -116,3 +116,27 @@ def write_compvis(path, unet: dict[str, Tensor], vae: dict[str, Tensor], embeddi
         save_file(state, str(path))
     else:
         torch.save({"state_dict": state, "global_step": 10, "epoch": 1}, path)
+
+
+def ldm_bert_to_compvis(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A diffusers ``LDMBertModel`` state dict -> CompVis ``BERTEmbedder`` keys (``cond_stage_model.transformer``,
+    an x-transformers ``TransformerWrapper``): block i of LDMBert is ``attn_layers.layers.{2i}`` (``0``: its
+    LayerNorm, ``1``: Attention with ``to_q``/``to_k``/``to_v``/``to_out``) and ``.{2i + 1}`` (``0``: LayerNorm,
+    ``1.net``: Sequential(Sequential(Linear, GELU), Dropout, Linear))."""
+    out = {}
+    for key, value in state.items():
+        new = {"model.embed_tokens.weight": "token_emb.weight", "model.embed_positions.weight": "pos_emb.emb.weight",
+               "model.layer_norm.weight": "norm.weight", "model.layer_norm.bias": "norm.bias"}.get(key)
+        if key.startswith("to_logits."):
+            new = key
+        elif m := re.match(r"model\.layers\.(\d+)\.(.*)", key):
+            i, rest = int(m[1]), m[2]
+            a, f = f"attn_layers.layers.{2 * i}", f"attn_layers.layers.{2 * i + 1}"
+            rest = re.sub(r"self_attn\.([qkv])_proj", r"1.to_\1", rest)
+            new = (f"{a}.{rest.replace('self_attn_layer_norm', '0').replace('self_attn.out_proj', '1.to_out')}"
+                   if rest.startswith(("1.", "self_attn")) else
+                   f"{f}.{rest.replace('final_layer_norm', '0').replace('fc1', '1.net.0.0').replace('fc2', '1.net.2')}")
+        if new is None:
+            raise KeyError(f"no CompVis name for {key}")
+        out[f"cond_stage_model.transformer.{new}"] = value
+    return out

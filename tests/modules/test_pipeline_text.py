@@ -138,3 +138,24 @@ def test_a_stable_diffusion_single_file_s_own_text_encoder(sd, tmp_path, layout)
         save_file(state, str(path))
         with pytest.raises(PretrainedMismatchError, match="text encoder.*unexpected .*extra.weight"):
             PipelineTextEncoder(str(path), config=str(sd))
+
+
+def test_compvis_bert_embedder_inside_a_ckpt(tmp_path):
+    """The text-to-image LDM's own .ckpt (the one DP-LDM's text setting starts from): its BERTEmbedder loads as
+    the LDMBert of the pipeline named by ``config``, with the file's weights."""
+    from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertModel
+
+    from tests.conftest import write_tiny_ldm_text
+    from tests.modules.compvis import ldm_bert_to_compvis
+
+    ldm = write_tiny_ldm_text(tmp_path / "ldm")
+    reference = LDMBertModel.from_pretrained(ldm, subfolder="bert")
+    for p in reference.parameters():
+        p.data += 0.3
+    state = ldm_bert_to_compvis(reference.state_dict()) | {"model.diffusion_model.out.2.bias": torch.zeros(4)}
+    torch.save({"state_dict": state}, tmp_path / "txt2img.ckpt")
+    enc = PipelineTextEncoder(str(tmp_path / "txt2img.ckpt"), config=str(ldm), text_encoder="bert")
+    assert type(enc.text_model).__name__ == "LDMBertModel"
+    captions = ["a red square", "a photo of item 3"]
+    ids = enc.tokenizer(captions, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    torch.testing.assert_close(enc(captions), reference(ids)[0])
