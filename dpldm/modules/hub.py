@@ -45,6 +45,17 @@ def download_hint(path: str, subfolder: str | None, revision: str | None) -> str
     return f"hf download {path}" + (f" --revision {revision}" if revision else "") + include + " --local-dir DIR"
 
 
+def looks_like_hub_id(path: str) -> bool:
+    """``name`` or ``owner/name`` as the hub spells repository ids (``runs/x/pretrained``, ``./x`` are not)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(path)
+    except HFValidationError:
+        return False
+    return True
+
+
 def load_pretrained(load: Callable[..., T], path: str, config_key: str, what: str, subfolder: str | None = None,
                     revision: str | None = None, variant: str | None = None,
                     torch_dtype: torch.dtype | None = None) -> T:
@@ -81,8 +92,15 @@ def load_pretrained(load: Callable[..., T], path: str, config_key: str, what: st
     except (OSError, ValueError, EnvironmentError) as err:  # hub errors derive from OSError/ValueError
         where = f"{path!r}" + (f" (subfolder {subfolder!r})" if subfolder else "") + (
             f" at revision {revision!r}" if revision else "") + (f", variant {variant!r}" if variant else "")
-        reason = ("the local directory has no diffusers-format weights" if os.path.isdir(path) else
-                  "it is not a local directory and could not be downloaded (offline, or HF_HUB_OFFLINE=1?)")
+        if os.path.isdir(path):
+            reason = "the local directory has no diffusers-format weights"
+        elif not looks_like_hub_id(path):  # a path that does not exist: no download command can help
+            raise PretrainedNotFoundError(
+                f"Could not load the pretrained {what}: `{config_key}` = {path!r} is not a directory (looked for "
+                f"{os.path.abspath(path)!r}) and not a hub id. If an earlier stage writes it (e.g. a public stage's "
+                "`pretrained/` folder), run that stage first; otherwise fix the path.") from err
+        else:
+            reason = "it is not a local directory and could not be downloaded (offline, or HF_HUB_OFFLINE=1?)"
         raise PretrainedNotFoundError(
             f"Could not load the pretrained {what} {where}: {reason}. Download it on a machine with internet "
             f"(`{download_hint(path, subfolder, revision)}`) and set `{config_key}` to the local directory. "

@@ -62,3 +62,11 @@ def test_variant_and_dtype_are_passed_to_diffusers(tmp_path):
 def test_offline_error_gives_the_hf_download_command():
     with pytest.raises(PretrainedNotFoundError, match=r"hf download CompVis/x --revision v1 --include 'unet/\*'"):
         load_unet("CompVis/x", subfolder="unet", revision="v1")
+
+
+def test_a_missing_local_path_is_not_sent_to_the_hub(tmp_path):
+    """A relative path that does not exist (an earlier stage not run yet) gets no `hf download` advice."""
+    missing = tmp_path / "runs" / "public" / "ldm" / "pretrained"
+    with pytest.raises(PretrainedNotFoundError, match="is not a directory .* run that stage first") as err:
+        load_unet(str(missing), subfolder="unet")
+    assert "hf download" not in str(err.value) and "model.init_args.unet.init_args.path" in str(err.value)
