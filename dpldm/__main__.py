@@ -1,3 +1,3 @@
-from dpldm.cli import main
+from dpldm.cli import console
 
-main()
+console()

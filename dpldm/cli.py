@@ -94,5 +94,11 @@ def main(argv: list[str] | None = None) -> object:
         sys.exit(2)
 
 
-if __name__ == "__main__":
+def console() -> None:
+    """The ``dpldm`` console script: :func:`main`, whose return value (a driver's results, for Python callers)
+    is not an exit status. Returned to a console script, a dict would be printed and exit 1."""
     main()
+
+
+if __name__ == "__main__":
+    console()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -36,3 +37,22 @@ def test_an_unknown_command_exits_2_with_the_list(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["fitt"])
     assert exit_.value.code == 2 and "unknown command 'fitt'" in capsys.readouterr().err
+
+
+def test_a_driver_that_returns_results_exits_0_from_the_shell(tmp_path):
+    """`dpldm experiment --report-only` returns the results to Python callers; the console script must not turn
+    that dict into a dump on stderr and exit status 1."""
+    results = tmp_path / "results"
+    results.mkdir()
+    script = Path(sys.executable).parent / "dpldm"  # the installed console script, as a shell runs it
+    done = subprocess.run([str(script), "experiment", "--report-only", "--results", str(results),
+                           "--doc", str(tmp_path / "results.md")], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "results.md").exists() and "{" not in done.stdout + done.stderr
+
+
+def test_the_console_script_is_the_exit_safe_entry():
+    from importlib.metadata import entry_points
+
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "dpldm"]
+    assert script.value == "dpldm.cli:console"
