@@ -7,6 +7,13 @@ physical micro-batches of ``--physical``; non-DP steps run the batch at once.
 
     python bench/dp_step.py                      # all geometries, batch 64 and 256
     python bench/dp_step.py --geometries quickstart --batch-sizes 64 --steps 3
+    python bench/dp_step.py --device cuda --precision bf16 --geometries cifar-gpu --batch-sizes 256 1024 --sampling
+
+On a GPU (``--device cuda``) memory is the peak of ``torch.cuda.max_memory_allocated`` over the timed steps
+(weights, optimizer state and activations); on the CPU the peak RSS growth. ``--precision bf16`` runs each step
+under bf16 autocast, as Lightning's ``bf16-mixed`` does (the DP engine clips and adds noise in fp32).
+``--sampling`` adds the sampling throughput (images/s: DPM-Solver++, classifier-free guidance, decoding).
+``bench/gpu_check.sh`` is the prepared run for a lent GPU.
 """
 
 from __future__ import annotations
@@ -31,6 +38,12 @@ GEOMETRIES = {
                   unet=dict(sample_size=16, in_channels=3, block_out_channels=(64, 128, 256),
                             attention=(True, True, True), layers_per_block=2, attention_head_dim=32,
                             cross_attention_dim=256)),
+    # DP-LDM's CIFAR-10 geometry at full width (configs/cifar10/ldm.yaml): for a GPU
+    "cifar-gpu": dict(image=(3, 32), ae=dict(in_channels=3, latent_channels=3, block_out_channels=(128, 256),
+                                             norm_num_groups=32),
+                      unet=dict(sample_size=16, in_channels=3, block_out_channels=(128, 256, 512),
+                                attention=(True, True, True), layers_per_block=2, attention_head_dim=32,
+                                cross_attention_dim=512)),
 }
 
 
@@ -44,8 +57,46 @@ def rss_mb() -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
 
 
-def measure(geometry: str, batch: int, scope: str, dp: bool, steps: int, physical: int, clipping: str) -> dict:
-    """Runs in a child process: median step time and peak RSS growth over the timed steps."""
+def precision_context(device: str, precision: str):
+    """bf16 autocast (Lightning's ``bf16-mixed``) or nothing (fp32)."""
+    import contextlib
+
+    import torch
+
+    return torch.autocast(device, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+
+
+class Meter:
+    """Wall time per call (synchronised on a GPU) and peak memory over the timed calls (MB)."""
+
+    def __init__(self, device: str):
+        import torch
+
+        self.torch, self.cuda = torch, device == "cuda"
+
+    def start(self) -> None:
+        if self.cuda:
+            self.torch.cuda.synchronize()
+            self.torch.cuda.reset_peak_memory_stats()
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset the peak-RSS counter
+            self.base = rss_mb()
+
+    def time(self, fn) -> float:
+        t0 = time.perf_counter()
+        fn()
+        if self.cuda:
+            self.torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    def peak(self) -> float:
+        return self.torch.cuda.max_memory_allocated() / 2**20 if self.cuda else peak_rss_mb() - self.base
+
+
+def measure(geometry: str, batch: int, scope: str, dp: bool, steps: int, physical: int, clipping: str,
+            device: str = "cpu", precision: str = "32") -> dict:
+    """Runs in a child process: median step time and peak memory over the timed steps."""
     import torch
 
     from dpldm.modules import ClassEmbedder, FrozenAutoencoder, LatentDiffusion, build_autoencoder, build_unet
@@ -56,11 +107,12 @@ def measure(geometry: str, batch: int, scope: str, dp: bool, steps: int, physica
     g = GEOMETRIES[geometry]
     cond = ClassEmbedder(10, embed_dim=g["unet"]["cross_attention_dim"])
     model = LatentDiffusion(build_unet(**g["unet"]), FrozenAutoencoder(build_autoencoder(**g["ae"])), cond,
-                            scope=TrainableScope(scope)).train()
+                            scope=TrainableScope(scope)).to(device).train()
     params = model.trainable_parameters()
     opt = torch.optim.AdamW(params, lr=1e-4)
     c, size = g["image"]
-    data = {"image": torch.rand(batch, c, size, size) * 2 - 1, "label": torch.arange(batch) % 10}
+    data = {"image": torch.rand(batch, c, size, size, device=device) * 2 - 1,
+            "label": torch.arange(batch, device=device) % 10}
     if dp:
         settings = DifferentialPrivacy(noise_multiplier=1.0, epsilon=None, max_physical_batch_size=physical, seed=0,
                                        clipping=clipping)
@@ -68,25 +120,45 @@ def measure(geometry: str, batch: int, scope: str, dp: bool, steps: int, physica
         opt = engine.wrap(opt)
 
     def step() -> None:
-        if dp:
-            engine.step(data, model.per_example_loss, opt)
-        else:
-            model.per_example_loss(data).mean().backward()
+        with precision_context(device, precision):
+            if dp:
+                engine.step(data, model.per_example_loss, opt)
+            else:
+                model.per_example_loss(data).mean().backward()
+        if not dp:
             opt.step()
             opt.zero_grad(set_to_none=True)
 
+    meter = Meter(device)
     step()  # warm-up (allocator, first-call overheads)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak-RSS counter
-    base = rss_mb()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
+    meter.start()
+    times = [meter.time(step) for _ in range(steps)]
     trained = sum(p.numel() for p in params)
     total = sum(p.numel() for p in model.parameters())
-    return {"time": statistics.median(times), "mem": peak_rss_mb() - base, "trained": trained, "total": total}
+    return {"time": statistics.median(times), "mem": meter.peak(), "trained": trained, "total": total}
+
+
+def measure_sampling(geometry: str, batch: int, device: str, precision: str, num_steps: int = 20) -> dict:
+    """Runs in a child process: images per second of ``model.sample`` (DPM-Solver++, guidance 3, decoding)."""
+    import torch
+
+    from dpldm.modules import ClassEmbedder, FrozenAutoencoder, LatentDiffusion, build_autoencoder, build_unet
+
+    torch.manual_seed(0)
+    g = GEOMETRIES[geometry]
+    model = LatentDiffusion(build_unet(**g["unet"]), FrozenAutoencoder(build_autoencoder(**g["ae"])),
+                            ClassEmbedder(10, embed_dim=g["unet"]["cross_attention_dim"])).to(device)
+    labels = torch.arange(batch, device=device) % 10
+
+    def draw() -> None:
+        with precision_context(device, precision):
+            model.sample(labels, guidance_scale=3.0, num_steps=num_steps, solver="dpm_solver++")
+
+    meter = Meter(device)
+    draw()  # warm-up
+    meter.start()
+    seconds = meter.time(draw)
+    return {"images_per_s": batch / seconds, "mem": meter.peak()}
 
 
 def run_child(args: list[str]) -> dict:
@@ -98,12 +170,16 @@ def run_child(args: list[str]) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--geometries", nargs="+", default=list(GEOMETRIES), choices=list(GEOMETRIES))
+    p.add_argument("--geometries", nargs="+", default=["quickstart", "cifar"], choices=list(GEOMETRIES))
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[64, 256])
+    p.add_argument("--scopes", nargs="+", default=["attention", "full"], choices=["attention", "full"])
     p.add_argument("--steps", type=int, default=5, help="timed steps per configuration (after one warm-up)")
     p.add_argument("--physical", type=int, default=64, help="DP physical micro-batch size")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--clipping", default="fast", choices=["fast", "ghost", "hooks"], help="DP clipping method")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--precision", default="32", choices=["32", "bf16"], help="fp32, or bf16 autocast (bf16-mixed)")
+    p.add_argument("--sampling", action="store_true", help="also measure sampling throughput (images/s)")
     p.add_argument("--child", nargs=4, metavar=("GEOMETRY", "BATCH", "SCOPE", "DP"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
@@ -111,27 +187,37 @@ def main() -> None:
 
         torch.set_num_threads(a.threads)
         geometry, batch, scope, dp = a.child
-        print(json.dumps(measure(geometry, int(batch), scope, dp == "1", a.steps, a.physical, a.clipping)))
+        if scope == "sampling":
+            print(json.dumps(measure_sampling(geometry, int(batch), a.device, a.precision)))
+            return
+        print(json.dumps(measure(geometry, int(batch), scope, dp == "1", a.steps, a.physical, a.clipping,
+                                 a.device, a.precision)))
         return
-    print(f"dpldm DP step benchmark: clipping {a.clipping}, {a.steps} timed steps each, "
-          f"DP physical micro-batch {a.physical}, "
-          f"{a.threads} threads; time = median s/step, mem = peak RSS growth (MB) during the steps")
+    where = "GPU peak allocated" if a.device == "cuda" else "peak RSS growth"
+    print(f"dpldm DP step benchmark: {a.device}, precision {a.precision}, clipping {a.clipping}, {a.steps} timed "
+          f"steps each, DP physical micro-batch {a.physical}, {a.threads} threads; time = median s/step, "
+          f"mem = {where} (MB) during the steps")
     header = (f"{'geometry':<11}{'batch':>6} {'scope':<10}{'trained':>11}{'nonDP s':>9}{'DP s':>8}{'DP/non':>8}"
               f"{'nonDP MB':>10}{'DP MB':>8}{'mem x':>7}")
     print(header)
+    common = ["--steps", str(a.steps), "--physical", str(a.physical), "--threads", str(a.threads),
+              "--clipping", a.clipping, "--device", a.device, "--precision", a.precision]
     for geometry in a.geometries:
         for batch in a.batch_sizes:
             dp_times = {}
-            for scope in ("attention", "full"):
-                common = ["--steps", str(a.steps), "--physical", str(a.physical), "--threads", str(a.threads),
-                          "--clipping", a.clipping]
+            for scope in a.scopes:
                 base = run_child([*common, "--child", geometry, str(batch), scope, "0"])
                 priv = run_child([*common, "--child", geometry, str(batch), scope, "1"])
                 dp_times[scope] = priv["time"]
                 print(f"{geometry:<11}{batch:>6} {scope:<10}{base['trained'] / base['total']:>10.1%} "
                       f"{base['time']:>8.3f}{priv['time']:>8.3f}{priv['time'] / base['time']:>7.2f}x"
                       f"{base['mem']:>10.0f}{priv['mem']:>8.0f}{priv['mem'] / max(base['mem'], 1):>6.2f}x", flush=True)
-            print(f"{'':<17} DP attention vs DP full: {dp_times['attention'] / dp_times['full']:.2f}x the time")
+            if len(dp_times) == 2:
+                print(f"{'':<17} DP attention vs DP full: {dp_times['attention'] / dp_times['full']:.2f}x the time")
+            if a.sampling:
+                out = run_child([*common, "--child", geometry, str(batch), "sampling", "0"])
+                print(f"{geometry:<11}{batch:>6} sampling: {out['images_per_s']:.1f} images/s (DPM-Solver++ 20 steps, "
+                      f"guidance 3, decoded), {out['mem']:.0f} MB", flush=True)
 
 
 if __name__ == "__main__":
