@@ -24,6 +24,8 @@ from dpldm.runs import write_run_files
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
 # Every driver passes its arguments as a list, as `dpldm` itself does: Lightning warns about that each time.
 warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended to run from within Python")
+# Lightning 2.6's own pytree helper calls an API torch 2.14 deprecated, once per fit: nothing a user can change.
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 class SaveConfigEverywhere(SaveConfigCallback):
