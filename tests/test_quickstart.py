@@ -207,4 +207,5 @@ def test_weights_missing_where_the_config_points_is_a_short_error(quickstart_run
     chain = quickstart.stage_overrides(str(out), {"finetune": TINY["finetune"]})["finetune"]
     message = user_error(capsys, ["fit", "--config", cfg, *chain,
                                   f"--model.init_args.unet.init_args.path={tmp_path / 'no-unet'}"])
-    assert "model.init_args.unet.init_args.path" in message and "hf download" in message
+    assert "model.init_args.unet.init_args.path" in message and "run that stage first" in message
+    assert "hf download" not in message  # a local path that does not exist is no hub id to download
