@@ -246,3 +246,33 @@ def test_each_dp_method_runs_at_its_own_public_clipping_norm(tmp_path, monkeypat
     settings = experiment.finetune_settings(experiment.CONFIGS, experiment.SIZES["mnist"])
     assert settings["clip_norms"] == norms and settings["privacy"]["max_grad_norm"] == 0.1
     assert "clip_norms" not in experiment.finetune_settings(experiment.CONFIGS, experiment.SIZES["digits"])
+
+
+def test_a_rebuilt_public_stage_starts_the_results_over(tmp_path, monkeypatch, capsys):
+    """Rows of one result file come from one build of the public stages: the same configs rebuilt give other
+    weights (and rows that move by a seed's spread), so a resume on other weights must not mix them in."""
+    calls = []
+
+    def fake_stage(name, config, overrides, ceiling=True):
+        calls.append(name)
+        return SimpleNamespace(seconds=1.0, trained_fraction=None, metrics={"test/downstream_acc": 0.5}, privacy=None)
+
+    monkeypatch.setattr(experiment, "run_stage", fake_stage)
+    monkeypatch.setattr(experiment, "references", lambda size, args, missing: {
+        k: {"test/downstream_acc": 0.2} if k == "public_model" else 0.9 for k in missing})
+    public = tmp_path / "public"
+    for stage in ("autoencoder", "ldm"):
+        (public / stage / "pretrained" / "unet").mkdir(parents=True)
+    weights = public / "ldm" / "pretrained" / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(b"build 1")
+    argv = ["--size", "digits", "--seeds", "1", "--methods", "nonprivate", "--public", str(public),
+            "--out", str(tmp_path / "runs"), "--results", str(tmp_path / "results"), "--doc", str(tmp_path / "r.md")]
+    experiment.main(argv)
+    experiment.main(argv)  # the same build: nothing to rerun
+    assert calls == ["nonprivate-seed0"]
+    weights.write_bytes(b"build 2")
+    experiment.main(argv)
+    assert calls == ["nonprivate-seed0", "nonprivate-seed0"]
+    assert "public_build differ" in capsys.readouterr().out
+    record = json.loads((tmp_path / "results" / "digits.json").read_text())
+    assert len(record["rows"]) == 1 and record["public_build"] == experiment.public_build(str(public))

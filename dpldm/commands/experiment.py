@@ -33,7 +33,7 @@ from typing import Literal
 
 from dpldm.commands import CONFIGS
 from dpldm.commands.quickstart import pretrained_overrides, real_data_ceiling, run_stage, stage_overrides
-from dpldm.utils.files import atomic_write
+from dpldm.utils.files import atomic_write, files_digest
 
 METHODS = ("attention", "lora", "full", "scratch", "nonprivate")
 PRIVACY = "--model.init_args.privacy.init_args"
@@ -140,6 +140,15 @@ def public_overlays(configs: str, size: Size) -> dict[str, str]:
     return {s: path for s, path in found.items() if os.path.exists(path)}
 
 
+def public_build(public: str) -> str:
+    """A digest of the public stages' exported weights: two builds from the same configs differ (a rebuilt stage
+    moved a Fashion-MNIST row by 2 points), so a result file resumes only on the build its rows came from."""
+    files = sorted(os.path.join(root, name) for stage in PUBLIC_STAGES
+                   for root, _, names in os.walk(os.path.join(public, stage, "pretrained")) for name in names
+                   if name.endswith((".safetensors", ".bin", ".pt")))
+    return files_digest(files)
+
+
 def public_stages(size: Size, args: argparse.Namespace) -> None:
     """Train the size's public stages (quickstart configs, with its overlays) under ``args.public`` if missing."""
     overlays = public_overlays(args.configs, size)
@@ -232,12 +241,17 @@ def main(argv: list[str] | None = None) -> dict:
     path = os.path.join(args.results, f"{args.size}.json")
     record = {"size": args.size, "label": size.label, "protocol": size.protocol, "rows": [], **dict.fromkeys(REFERENCES),
               "budget": args.override, "settings": finetune_settings(args.configs, size),
+              "public_build": public_build(args.public),
               "minutes": 0.0, "command": f"dpldm experiment --size {args.size}"}
-    if os.path.exists(path) and not args.fresh:  # resume: keep the runs already done with the same settings
+    if os.path.exists(path) and not args.fresh:  # resume: the runs already done, same settings, same public build
         with open(path) as f:
             old = json.load(f)
-        if old.get("budget") == record["budget"] and old.get("settings") == record["settings"]:
+        same = {key: old.get(key) == record[key] for key in ("budget", "settings", "public_build")}
+        if all(same.values()):
             record = old
+        else:
+            changed = ", ".join(key for key, ok in same.items() if not ok)
+            print(f"{path}: its {changed} differ from this run's; starting the size's results over", flush=True)
     done = {(r["method"], r["epsilon"], r["seed"]) for r in record["rows"]}
     # Seed-major: every method and epsilon once before the second seed (an interrupted run is still a comparison).
     plan = [(m, e, s) for s in range(seeds) for m in args.methods

@@ -4,10 +4,10 @@ public base model, and what the guarantee does not cover."""
 from __future__ import annotations
 
 import glob
-import hashlib
 import os
 
 from dpldm.runs import rebased
+from dpldm.utils.files import files_digest
 
 UNCONDITIONAL_USAGE = """```python
 from diffusers import LDMPipeline
@@ -58,14 +58,7 @@ def _weights_hash(path: str, subfolder: str | None) -> str | None:
     else:
         folder = os.path.join(path, subfolder or "")
         files = sorted(f for ext in ("safetensors", "bin") for f in glob.glob(os.path.join(folder, f"*.{ext}")))
-    if not files:
-        return None
-    digest = hashlib.sha256()
-    for name in files:
-        with open(name, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()[:16]
+    return files_digest(files) if files else None
 
 
 def base_models(cfg: dict, run_dir: str) -> list[str]:

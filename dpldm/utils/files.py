@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from collections.abc import Iterator
 from typing import IO
@@ -37,3 +38,13 @@ def read_prompts(path: str, field: str) -> list[str]:
     if not prompts:
         raise ConfigError(field, path, "holds no prompt (one a line)")
     return prompts
+
+
+def files_digest(files: list[str]) -> str:
+    """sha256 (first 16 hex digits) of the files' bytes, in the order given: a short name for a set of weights."""
+    digest = hashlib.sha256()
+    for name in files:
+        with open(name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
