@@ -94,20 +94,30 @@ class Meter:
         return self.torch.cuda.max_memory_allocated() / 2**20 if self.cuda else peak_rss_mb() - self.base
 
 
+def build_model(geometry: str, scope: str, device: str):
+    """The geometry's class-conditional LDM (random weights, seed 0) with its trainable scope, on ``device``."""
+    import torch
+
+    from dpldm.modules import ClassEmbedder, FrozenAutoencoder, LatentDiffusion, build_autoencoder, build_unet
+    from dpldm.privacy import TrainableScope
+
+    torch.manual_seed(0)
+    g = GEOMETRIES[geometry]
+    cond = ClassEmbedder(10, embed_dim=g["unet"]["cross_attention_dim"])
+    return LatentDiffusion(build_unet(**g["unet"]), FrozenAutoencoder(build_autoencoder(**g["ae"])), cond,
+                           scope=TrainableScope(scope)).to(device)
+
+
 def measure(geometry: str, batch: int, scope: str, dp: bool, steps: int, physical: int, clipping: str,
             device: str = "cpu", precision: str = "32") -> dict:
     """Runs in a child process: median step time and peak memory over the timed steps."""
     import torch
 
-    from dpldm.modules import ClassEmbedder, FrozenAutoencoder, LatentDiffusion, build_autoencoder, build_unet
-    from dpldm.privacy import DifferentialPrivacy, DPSGDEngine, TrainableScope
+    from dpldm.privacy import DifferentialPrivacy, DPSGDEngine
     from dpldm.privacy.settings import PrivacyPlan
 
-    torch.manual_seed(0)
     g = GEOMETRIES[geometry]
-    cond = ClassEmbedder(10, embed_dim=g["unet"]["cross_attention_dim"])
-    model = LatentDiffusion(build_unet(**g["unet"]), FrozenAutoencoder(build_autoencoder(**g["ae"])), cond,
-                            scope=TrainableScope(scope)).to(device).train()
+    model = build_model(geometry, scope, device).train()
     params = model.trainable_parameters()
     opt = torch.optim.AdamW(params, lr=1e-4)
     c, size = g["image"]
@@ -142,12 +152,7 @@ def measure_sampling(geometry: str, batch: int, device: str, precision: str, num
     """Runs in a child process: images per second of ``model.sample`` (DPM-Solver++, guidance 3, decoding)."""
     import torch
 
-    from dpldm.modules import ClassEmbedder, FrozenAutoencoder, LatentDiffusion, build_autoencoder, build_unet
-
-    torch.manual_seed(0)
-    g = GEOMETRIES[geometry]
-    model = LatentDiffusion(build_unet(**g["unet"]), FrozenAutoencoder(build_autoencoder(**g["ae"])),
-                            ClassEmbedder(10, embed_dim=g["unet"]["cross_attention_dim"])).to(device)
+    model = build_model(geometry, "attention", device)
     labels = torch.arange(batch, device=device) % 10
 
     def draw() -> None:
