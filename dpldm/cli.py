@@ -10,6 +10,7 @@ exits 2; ``--verbose`` shows the traceback instead.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 # name -> (module with main(argv), one-line summary); fit/validate/predict go to LightningCLI.
@@ -96,7 +97,10 @@ def main(argv: list[str] | None = None) -> object:
 
 def console() -> None:
     """The ``dpldm`` console script: :func:`main`, whose return value (a driver's results, for Python callers)
-    is not an exit status. Returned to a console script, a dict would be printed and exit 1."""
+    is not an exit status. Returned to a console script, a dict would be printed and exit 1. Output that is not
+    a terminal (a log file) gets a tqdm line at most every 30 s, not one every update."""
+    if not sys.stderr.isatty():
+        os.environ.setdefault("TQDM_MININTERVAL", "30")  # tqdm >= 4.66 reads its defaults from TQDM_*
     main()
 
 

@@ -65,6 +65,19 @@ def test_frozen_autoencoder_unchanged_by_finetune(quickstart_run):
         assert torch.equal(v, ref[k]), k
 
 
+def test_progress_goes_to_a_log_file_as_lines(quickstart_run, capsys, monkeypatch):
+    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+
+    from dpldm.callbacks import LineProgress
+
+    out, _ = quickstart_run
+    cli = _finetune(out)  # pytest captures stdout: not a terminal, as in `dpldm experiment > log`
+    assert isinstance(cli.trainer.progress_bar_callback, LineProgress)
+    assert "[training] step 1/1 (100%)" in capsys.readouterr().out
+    monkeypatch.setattr("sys.stdout.isatty", lambda: True)  # a terminal keeps Lightning's bar
+    assert isinstance(_finetune(out).trainer.progress_bar_callback, (RichProgressBar, TQDMProgressBar))
+
+
 @pytest.mark.parametrize("extra, field", [
     (["--data.init_args.source.init_args.image_size=30"], "data.init_args.source.init_args.image_size"),  # f = 4 does not divide 30
     (["--model.init_args.conditioner.init_args.num_classes=7"], "num_classes"),

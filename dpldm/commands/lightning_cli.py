@@ -6,16 +6,18 @@ checkpoints, the run's config saved with what reloads it from anywhere, and samp
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 
 import lightning.pytorch as L
 import yaml
-from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 
 from dpldm.callbacks.checkpoint import ResumableCheckpoint
+from dpldm.callbacks.progress import LineProgress
 from dpldm.callbacks.samples import SampleWriter
 from dpldm.loggers import WandbLogger, run_name, sweep_run, wandb_disabled
 from dpldm.runs import write_run_files
@@ -108,7 +110,12 @@ class DPLDMCLI(LightningCLI):
         callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
         if trainer_cfg.get("enable_checkpointing") is not False and not any(
                 isinstance(cb, ModelCheckpoint) for cb in callbacks):
-            trainer_cfg["callbacks"] = [*callbacks, ResumableCheckpoint()]
+            trainer_cfg["callbacks"] = callbacks = [*callbacks, ResumableCheckpoint()]
+        # Output to a file: progress as a line a minute (Rich's bar prints nothing there), unless the config
+        # has a bar of its own or none at all.
+        if (not sys.stdout.isatty() and trainer_cfg.get("enable_progress_bar") is not False
+                and not any(isinstance(cb, ProgressBar) for cb in callbacks)):
+            trainer_cfg["callbacks"] = callbacks = [*callbacks, LineProgress()]
         if self.subcommand == "predict" and not any(isinstance(cb, BasePredictionWriter) for cb in callbacks):
-            trainer_cfg["callbacks"] = [*(trainer_cfg.get("callbacks") or callbacks), SampleWriter()]  # to files
+            trainer_cfg["callbacks"] = [*callbacks, SampleWriter()]  # to files
         return super().instantiate_trainer(**kwargs)
