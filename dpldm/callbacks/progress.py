@@ -20,7 +20,8 @@ def _duration(seconds: float) -> str:
 
 class LineProgress(ProgressBar):
     """One line every ``interval`` seconds of training (and one at the end): the step, its share of the run,
-    seconds per step, the time left and the progress-bar metrics the model logs (batch means, ``privacy/*``).
+    seconds per step since the line before (a machine that gets busier or freer shows at once), the time left at
+    that rate, and the progress-bar metrics the model logs (the batch loss, epsilon spent).
 
     Args:
         interval: seconds between two lines.
@@ -34,8 +35,9 @@ class LineProgress(ProgressBar):
         self.interval = interval
         self.stream = stream
         self._enabled = True
-        self._start = self._last = 0.0
-        self._first_step = 0
+        self._last = 0.0
+        self._since = (0.0, 0)  # (time, step) the rate is measured from: the line before, or the start
+        self._rate: float | None = None
 
     def disable(self) -> None:
         self._enabled = False
@@ -60,15 +62,15 @@ class LineProgress(ProgressBar):
     def line(self, trainer: L.Trainer, pl_module: L.LightningModule) -> str:
         """The current line: ``step 256/1024 (25%) | 2.81 s/step | 36m00s left | train/loss 0.123``."""
         step, total = trainer.global_step, self._total_steps(trainer)
-        elapsed = time.perf_counter() - self._start
-        done = step - self._first_step
+        elapsed, done = time.perf_counter() - self._since[0], step - self._since[1]
+        if done > 0:  # no step since the last line (micro-batches of one DP step): keep its rate
+            self._rate = elapsed / done
         known = math.isfinite(total) and total > 0
         parts = [f"step {step}/{total:g} ({step / total:.0%})" if known else f"step {step}"]
-        if done > 0:
-            rate = elapsed / done
-            parts.append(f"{rate:.2f} s/step")
+        if self._rate is not None:
+            parts.append(f"{self._rate:.2f} s/step")
             if known:
-                parts.append(f"{_duration(rate * max(total - step, 0))} left")
+                parts.append(f"{_duration(self._rate * max(total - step, 0))} left")
         metrics = {k: v for k, v in self.get_metrics(trainer, pl_module).items() if k != "v_num"}
         parts += [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()]
         return " | ".join(parts)
@@ -79,14 +81,16 @@ class LineProgress(ProgressBar):
                   file=self.stream or sys.stdout, flush=True)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._start = self._last = time.perf_counter()
-        self._first_step = trainer.global_step  # a resumed run: the rate of this process's steps only
+        self._last = time.perf_counter()
+        self._since = (self._last, trainer.global_step)  # a resumed run: the rate of this process's steps only
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
         now = time.perf_counter()
         if now - self._last >= self.interval:
             self._last = now
             self._print(trainer, pl_module)
+            if trainer.global_step > self._since[1]:  # the next line's rate: the steps since this one
+                self._since = (now, trainer.global_step)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._print(trainer, pl_module)
