@@ -1,4 +1,5 @@
-"""Lightning callbacks: resumable checkpoints, progress lines, exporting stages, sample grids, privacy monitoring, sample-based metrics."""
+"""Lightning callbacks: resumable checkpoints, progress lines, exporting stages, sample grids, privacy monitoring,
+sample-based metrics."""
 
 from dpldm.callbacks.checkpoint import ResumableCheckpoint
 from dpldm.callbacks.evaluation import FID, CLIPScore, DownstreamAccuracy, SampleMetric, SampleSettings
@@ -7,5 +8,5 @@ from dpldm.callbacks.privacy import PrivacyMonitor
 from dpldm.callbacks.progress import LineProgress
 from dpldm.callbacks.samples import SampleGrid, SampleWriter
 
-__all__ = ["CLIPScore", "DownstreamAccuracy", "ExportPretrained", "FID", "LineProgress", "PrivacyMonitor", "ResumableCheckpoint",
-           "SampleGrid", "SampleMetric", "SampleSettings", "SampleWriter"]
+__all__ = ["CLIPScore", "DownstreamAccuracy", "ExportPretrained", "FID", "LineProgress", "PrivacyMonitor",
+           "ResumableCheckpoint", "SampleGrid", "SampleMetric", "SampleSettings", "SampleWriter"]

@@ -46,12 +46,8 @@ class LineProgress(ProgressBar):
         self._enabled = True
 
     @property
-    def is_enabled(self) -> bool:
+    def is_enabled(self) -> bool:  # LightningModule.print asks the bar before printing through it
         return self._enabled
-
-    @property
-    def is_disabled(self) -> bool:
-        return not self._enabled
 
     def _total_steps(self, trainer: L.Trainer) -> float:
         if trainer.max_steps is not None and trainer.max_steps >= 0:
