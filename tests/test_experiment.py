@@ -81,7 +81,7 @@ def test_unet_from_scratch_has_the_pretrained_architecture_and_fresh_weights(tmp
     assert same and not any(same)
 
 
-def test_the_plan_is_seed_major_resumes_after_an_interruption_and_scores_real_data_once(tmp_path, monkeypatch):
+def test_the_plan_is_seed_major_resumes_after_an_interruption_and_scores_real_data_once(tmp_path, monkeypatch, capsys):
 
     calls, ceilings = [], []
     report = {"epsilon": 0.9, "delta": 1e-5, "noise_multiplier": 2.0, "sample_rate": 0.1, "steps": 3,
@@ -109,7 +109,10 @@ def test_the_plan_is_seed_major_resumes_after_an_interruption_and_scores_real_da
     with pytest.raises(KeyboardInterrupt):
         experiment.main(argv)
     assert [c[0] for c in calls] == ["attention-eps1-seed0", "attention-eps10-seed0", "nonprivate-seed0"]
+    capsys.readouterr()
     experiment.main(argv)  # resumes: only what is missing, then the real-data reference once
+    out = capsys.readouterr().out  # the plan up front, timed by the runs already done (1 s each)
+    assert "experiment digits: 2 runs to go (attention 2), 3 done; about 0.0 h here" in out
     names = [c[0] for c in calls]
     assert names == ["attention-eps1-seed0", "attention-eps10-seed0", "nonprivate-seed0",
                      "attention-eps1-seed1", "attention-eps10-seed1"]  # every setting once before seed 1
@@ -276,3 +279,21 @@ def test_a_rebuilt_public_stage_starts_the_results_over(tmp_path, monkeypatch, c
     assert "public_build differ" in capsys.readouterr().out
     record = json.loads((tmp_path / "results" / "digits.json").read_text())
     assert len(record["rows"]) == 1 and record["public_build"] == experiment.public_build(str(public))
+
+
+def test_the_time_estimate_scales_earlier_runs_to_the_new_step_budget_and_names_untimed_methods():
+    """A start-over after a step change (512 -> 1,024) still knows what each method costs on this machine."""
+    earlier = {"budget": [], "settings": {"recipe": {"max_steps": 512}},
+               "rows": [{"method": "attention", "seconds": 600.0}, {"method": "attention", "seconds": 1200.0},
+                        {"method": "nonprivate", "seconds": 300.0}]}
+    # the config still says 512; the override (1,024) is what the runs take
+    record = {"budget": ["--trainer.max_steps=1024"], "settings": {"recipe": {"max_steps": 512}}, "rows": []}
+    assert experiment.step_budget(record) == 1024 and experiment.step_budget(earlier) == 512
+    plan = [("attention", 1.0, 0), ("attention", 10.0, 0), ("nonprivate", None, 0), ("full", 1.0, 0)]
+    minutes, untimed = experiment.estimate_minutes(plan, record, (earlier,))
+    assert minutes == pytest.approx(2 * (2 * 900 + 300) / 60) and untimed == ["full"]
+    # a row of the current file (same budget) counts as it is
+    record["rows"] = [{"method": "full", "seconds": 3600.0}]
+    minutes, untimed = experiment.estimate_minutes(plan, record, (earlier,))
+    assert minutes == pytest.approx(2 * (2 * 900 + 300) / 60 + 60) and untimed == []
+    assert experiment._eta(plan, {"rows": []}, ()) == "no earlier run of this size to time it by"

@@ -183,6 +183,35 @@ def finetune_settings(configs: str, size: Size) -> dict:
                         for c in trainer["callbacks"] if "Grid" not in c["class_path"]]}
 
 
+def step_budget(record: dict) -> int | None:
+    """The step budget of a result file's runs: its ``--trainer.max_steps`` override, else its config's."""
+    for arg in reversed(record.get("budget") or []):
+        if arg.startswith("--trainer.max_steps="):
+            return int(arg.split("=", 1)[1])
+    return ((record.get("settings") or {}).get("recipe") or {}).get("max_steps")
+
+
+def estimate_minutes(plan: list[tuple], record: dict, earlier: tuple[dict, ...] = ()) -> tuple[float, list[str]]:
+    """Wall minutes the runs of ``plan`` should take here, from the seconds each method took in the rows of
+    ``record`` and of ``earlier`` result files of the size (scaled by their step budgets: a start-over after a
+    budget change still knows the machine), and the methods of ``plan`` no row has timed (not counted)."""
+    steps, per_method = step_budget(record), {}
+    for rec in (record, *earlier):
+        scale = steps / step_budget(rec) if steps and step_budget(rec) else 1.0
+        for row in rec.get("rows", ()):
+            per_method.setdefault(row["method"], []).append(row["seconds"] * scale)
+    mean = {m: sum(s) / len(s) for m, s in per_method.items()}
+    untimed = sorted({m for m, _, _ in plan} - set(mean))
+    return sum(mean.get(m, 0.0) for m, _, _ in plan) / 60, untimed
+
+
+def _eta(plan: list[tuple], record: dict, earlier: tuple[dict, ...]) -> str:
+    minutes, untimed = estimate_minutes(plan, record, earlier)
+    if len(untimed) == len({m for m, _, _ in plan}):
+        return "no earlier run of this size to time it by"
+    return f"about {minutes / 60:.1f} h here" + (f", plus the {', '.join(untimed)} runs (never timed)" if untimed else "")
+
+
 REFERENCES = ("real_data_classifier", "autoencoder_classifier", "public_model")
 
 
@@ -243,6 +272,7 @@ def main(argv: list[str] | None = None) -> dict:
               "budget": args.override, "settings": finetune_settings(args.configs, size),
               "public_build": public_build(args.public),
               "minutes": 0.0, "command": f"dpldm experiment --size {args.size}"}
+    earlier: tuple[dict, ...] = ()  # a result file left behind: what its runs cost times the plan
     if os.path.exists(path) and not args.fresh:  # resume: the runs already done, same settings, same public build
         with open(path) as f:
             old = json.load(f)
@@ -250,6 +280,7 @@ def main(argv: list[str] | None = None) -> dict:
         if all(same.values()):
             record = old
         else:
+            earlier = (old,)
             changed = ", ".join(key for key, ok in same.items() if not ok)
             print(f"{path}: its {changed} differ from this run's; starting the size's results over", flush=True)
     done = {(r["method"], r["epsilon"], r["seed"]) for r in record["rows"]}
@@ -258,8 +289,12 @@ def main(argv: list[str] | None = None) -> dict:
             for e in ([None] if m == "nonprivate" else epsilons)
             if (m, e, s) not in done and not (m == "nonprivate" and s > 0)]
     os.makedirs(args.results, exist_ok=True)
+    counts = {m: sum(p[0] == m for p in plan) for m in dict.fromkeys(p[0] for p in plan)}
+    print(f"experiment {args.size}: {len(plan)} runs to go ({', '.join(f'{m} {n}' for m, n in counts.items())}), "
+          f"{len(done)} done; {_eta(plan, record, earlier)}", flush=True)
     for i, (method, epsilon, seed) in enumerate(plan, 1):
-        print(f"\n=== experiment {args.size} {i}/{len(plan)}: {method}, epsilon {epsilon}, seed {seed}", flush=True)
+        print(f"\n=== experiment {args.size} {i}/{len(plan)}: {method}, epsilon {epsilon}, seed {seed} "
+              f"({_eta(plan[i - 1:], record, earlier)} to the last run)", flush=True)
         start = time.perf_counter()
         record["rows"].append(run_one(args.size, method, epsilon, seed, args))
         record["minutes"] = round(record["minutes"] + (time.perf_counter() - start) / 60, 1)
