@@ -281,17 +281,20 @@ def test_a_rebuilt_public_stage_starts_the_results_over(tmp_path, monkeypatch, c
     assert len(record["rows"]) == 1 and record["public_build"] == experiment.public_build(str(public))
 
 
-def test_the_time_estimate_scales_earlier_runs_to_the_new_step_budget_and_names_untimed_methods():
-    """A start-over after a step change (512 -> 1,024) still knows what each method costs on this machine."""
-    earlier = {"budget": [], "settings": {"recipe": {"max_steps": 512}},
+def test_the_time_estimate_scales_earlier_runs_to_the_new_budget_and_names_untimed_methods():
+    """A start-over after a budget change (512 steps of 512 -> 256 of 2,048 -> 1,024 of 512 by override) still
+    knows what each method costs on this machine: time scales with steps x batch."""
+    earlier = {"budget": [], "settings": {"batch_size": 512, "recipe": {"max_steps": 512}},
                "rows": [{"method": "attention", "seconds": 600.0}, {"method": "attention", "seconds": 1200.0},
                         {"method": "nonprivate", "seconds": 300.0}]}
-    # the config still says 512; the override (1,024) is what the runs take
-    record = {"budget": ["--trainer.max_steps=1024"], "settings": {"recipe": {"max_steps": 512}}, "rows": []}
-    assert experiment.step_budget(record) == 1024 and experiment.step_budget(earlier) == 512
+    record = {"budget": [], "settings": {"batch_size": 2048, "recipe": {"max_steps": 256}}, "rows": []}
+    assert experiment.examples_budget(earlier) == 512 * 512 and experiment.examples_budget(record) == 256 * 2048
     plan = [("attention", 1.0, 0), ("attention", 10.0, 0), ("nonprivate", None, 0), ("full", 1.0, 0)]
     minutes, untimed = experiment.estimate_minutes(plan, record, (earlier,))
     assert minutes == pytest.approx(2 * (2 * 900 + 300) / 60) and untimed == ["full"]
+    # overrides beat the config: 1,024 steps of 512, the same work again
+    record["budget"] = ["--trainer.max_steps=1024", "--data.init_args.batch_size=512"]
+    assert experiment.examples_budget(record) == 1024 * 512
     # a row of the current file (same budget) counts as it is
     record["rows"] = [{"method": "full", "seconds": 3600.0}]
     minutes, untimed = experiment.estimate_minutes(plan, record, (earlier,))

@@ -183,21 +183,29 @@ def finetune_settings(configs: str, size: Size) -> dict:
                         for c in trainer["callbacks"] if "Grid" not in c["class_path"]]}
 
 
-def step_budget(record: dict) -> int | None:
-    """The step budget of a result file's runs: its ``--trainer.max_steps`` override, else its config's."""
-    for arg in reversed(record.get("budget") or []):
-        if arg.startswith("--trainer.max_steps="):
-            return int(arg.split("=", 1)[1])
-    return ((record.get("settings") or {}).get("recipe") or {}).get("max_steps")
+def _setting(record: dict, arg: str, key: str) -> int | None:
+    """A result file's ``--ARG=`` override of its runs, else ``key`` of its config's settings."""
+    for override in reversed(record.get("budget") or []):
+        if override.startswith(f"--{arg}="):
+            return int(override.split("=", 1)[1])
+    settings = record.get("settings") or {}
+    return settings.get(key, (settings.get("recipe") or {}).get(key))
+
+
+def examples_budget(record: dict) -> int | None:
+    """Steps x expected batch of a result file's runs: what its training time scales with."""
+    steps = _setting(record, "trainer.max_steps", "max_steps")
+    batch = _setting(record, "data.init_args.batch_size", "batch_size")
+    return steps * batch if steps and batch else None
 
 
 def estimate_minutes(plan: list[tuple], record: dict, earlier: tuple[dict, ...] = ()) -> tuple[float, list[str]]:
     """Wall minutes the runs of ``plan`` should take here, from the seconds each method took in the rows of
-    ``record`` and of ``earlier`` result files of the size (scaled by their step budgets: a start-over after a
+    ``record`` and of ``earlier`` result files of the size (scaled by their steps x batch: a start-over after a
     budget change still knows the machine), and the methods of ``plan`` no row has timed (not counted)."""
-    steps, per_method = step_budget(record), {}
+    work, per_method = examples_budget(record), {}
     for rec in (record, *earlier):
-        scale = steps / step_budget(rec) if steps and step_budget(rec) else 1.0
+        scale = work / examples_budget(rec) if work and examples_budget(rec) else 1.0
         for row in rec.get("rows", ()):
             per_method.setdefault(row["method"], []).append(row["seconds"] * scale)
     mean = {m: sum(s) / len(s) for m, s in per_method.items()}
