@@ -25,6 +25,7 @@ from typing import Literal
 import lightning.pytorch as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from dpldm.errors import ConfigError
@@ -198,7 +199,9 @@ class SampleMetric(L.Callback):
             if isinstance(logger, WandbLogger):  # the history as a table, next to the curves
                 self.history.append([step, *values.values()])
                 logger.log_table(f"tables/{self.name}", columns=["step", *values], data=self.history)
-        log.info("%s", ", ".join(f"{k} = {v:.4g}" for k, v in values.items()))
+        # shown without any logger too (`--trainer.logger=false`), beside the DP-SGD summary: never lost
+        rank_zero_info(f"{type(self).__name__} at step {max(step, 0)}: "
+                       + ", ".join(f"{k} = {v:.4g}" for k, v in values.items()))
         return values
 
     def _run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -156,6 +156,16 @@ def test_metrics_are_logged_next_to_training_metrics(tmp_path):
     assert callbacks[1].last["test/fid"] < 0.05
 
 
+def test_metrics_are_printed_where_no_logger_keeps_them(caplog):
+    """`dpldm fit --trainer.logger=false` still shows the final metrics (they were lost without a logger)."""
+    model, data, metric = Trainable(), Quadrants(batch_size=50), DownstreamAccuracy(num_samples=100, epochs=2)
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, callbacks=[metric])
+    trainer.fit(model, data)
+    value = metric.last["test/downstream_acc"]
+    assert f"DownstreamAccuracy at step {trainer.global_step}: test/downstream_acc = {value:.4g}" in caplog.text
+
+
 def test_fast_dev_run_skips_the_metrics(tmp_path):
     model, cb = Trainable(), DownstreamAccuracy(num_samples=10)
     L.Trainer(fast_dev_run=True, callbacks=[cb], enable_progress_bar=False, default_root_dir=tmp_path).fit(model, Quadrants())
