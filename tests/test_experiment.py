@@ -108,11 +108,13 @@ def test_the_plan_is_seed_major_resumes_after_an_interruption_and_scores_real_da
             "--results", str(tmp_path / "results"), "--doc", str(tmp_path / "results.md")]
     with pytest.raises(KeyboardInterrupt):
         experiment.main(argv)
+    out = capsys.readouterr().out  # nothing to time a first start by: said once, not before every run
+    assert "no earlier run of this size to time it by" in out and "1/5: attention, epsilon 1.0, seed 0\n" in out
     assert [c[0] for c in calls] == ["attention-eps1-seed0", "attention-eps10-seed0", "nonprivate-seed0"]
-    capsys.readouterr()
     experiment.main(argv)  # resumes: only what is missing, then the real-data reference once
     out = capsys.readouterr().out  # the plan up front, timed by the runs already done (1 s each)
     assert "experiment digits: 2 runs to go (attention 2), 3 done; about 0.0 h here" in out
+    assert "1/2: attention, epsilon 1.0, seed 1 (about 0.0 h here to the last run)" in out
     names = [c[0] for c in calls]
     assert names == ["attention-eps1-seed0", "attention-eps10-seed0", "nonprivate-seed0",
                      "attention-eps1-seed1", "attention-eps10-seed1"]  # every setting once before seed 1
@@ -248,7 +250,9 @@ def test_each_dp_method_runs_at_its_own_public_clipping_norm(tmp_path, monkeypat
     assert seen["lora-eps1-seed0"][-3] == "--trainer.max_steps=2"  # the user's overrides come after, and win
     settings = experiment.finetune_settings(experiment.CONFIGS, experiment.SIZES["mnist"])
     assert settings["clip_norms"] == norms and settings["privacy"]["max_grad_norm"] == 0.1
-    assert "clip_norms" not in experiment.finetune_settings(experiment.CONFIGS, experiment.SIZES["digits"])
+    for size in ("digits", "fashion"):  # every size clips at its public medians, none at the old default C = 1
+        settings = experiment.finetune_settings(experiment.CONFIGS, experiment.SIZES[size])
+        assert settings["privacy"]["max_grad_norm"] == 0.1 and settings["clip_norms"]["full"] < 1.0
 
 
 def test_a_rebuilt_public_stage_starts_the_results_over(tmp_path, monkeypatch, capsys):

@@ -73,7 +73,7 @@ class Size:
 
 SIZES = {
     "digits": Size("quickstart/finetune.yaml", "scikit-learn digits (N = 1,437, 8x8 upsampled to 32x32)",
-                   (1.0, 5.0, 10.0), 2),
+                   (1.0, 5.0, 10.0), 2, clip_norms={"lora": 0.006, "full": 0.8, "scratch": 6.0}),
     "mnist": Size("mnist/finetune.yaml", "MNIST (N = 60,000; DPImageBench protocol)", (1.0, 10.0), 2, "dpimagebench",
                   "runs/mnist/public", "mnist/public", {"lora": 0.005, "full": 0.7, "scratch": 6.0}),
     # Fashion-MNIST fine-tunes MNIST's public stages (the same glyphs; the autoencoder trained to convergence, a
@@ -301,8 +301,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"experiment {args.size}: {len(plan)} runs to go ({', '.join(f'{m} {n}' for m, n in counts.items())}), "
           f"{len(done)} done; {_eta(plan, record, earlier)}", flush=True)
     for i, (method, epsilon, seed) in enumerate(plan, 1):
-        print(f"\n=== experiment {args.size} {i}/{len(plan)}: {method}, epsilon {epsilon}, seed {seed} "
-              f"({_eta(plan[i - 1:], record, earlier)} to the last run)", flush=True)
+        eta = _eta(plan[i - 1:], record, earlier)
+        print(f"\n=== experiment {args.size} {i}/{len(plan)}: {method}, epsilon {epsilon}, seed {seed}"
+              + (f" ({eta} to the last run)" if eta.startswith("about") else ""), flush=True)
         start = time.perf_counter()
         record["rows"].append(run_one(args.size, method, epsilon, seed, args))
         record["minutes"] = round(record["minutes"] + (time.perf_counter() - start) / 60, 1)
