@@ -82,6 +82,7 @@ def test_unet_from_scratch_has_the_pretrained_architecture_and_fresh_weights(tmp
 
 
 def test_the_plan_is_seed_major_resumes_after_an_interruption_and_scores_real_data_once(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no committed result file (docs/results/) to time the plan by
 
     calls, ceilings = [], []
     report = {"epsilon": 0.9, "delta": 1e-5, "noise_multiplier": 2.0, "sample_rate": 0.1, "steps": 3,
@@ -304,3 +305,20 @@ def test_the_time_estimate_scales_earlier_runs_to_the_new_budget_and_names_untim
     minutes, untimed = experiment.estimate_minutes(plan, record, (earlier,))
     assert minutes == pytest.approx(2 * (2 * 900 + 300) / 60 + 60) and untimed == []
     assert experiment._eta(plan, {"rows": []}, ()) == "no earlier run of this size to time it by"
+
+
+def test_results_run_to_their_own_folder_are_timed_by_the_committed_ones(tmp_path, monkeypatch, capsys):
+    """`--results STAGING` (the committed table stays whole until a rerun lands) still gets a time estimate."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(experiment, "run_stage", lambda name, config, overrides, ceiling=True: SimpleNamespace(
+        seconds=1.0, trained_fraction=None, metrics={"test/downstream_acc": 0.5}, privacy=None))
+    monkeypatch.setattr(experiment, "references", lambda size, args, missing: {
+        k: {"test/downstream_acc": 0.2} if k == "public_model" else 0.9 for k in missing})
+    for stage in ("autoencoder", "ldm"):
+        (tmp_path / "public" / stage / "pretrained").mkdir(parents=True)
+    (tmp_path / "docs" / "results").mkdir(parents=True)
+    (tmp_path / "docs" / "results" / "digits.json").write_text(json.dumps(
+        {"budget": [], "settings": {}, "rows": [{"method": "nonprivate", "seconds": 5400.0}]}))
+    experiment.main(["--size", "digits", "--seeds", "1", "--methods", "nonprivate", "--public", "public",
+                     "--results", "staging", "--doc", "staging/results.md"])
+    assert "1 run to go (nonprivate 1), 0 done; about 1.5 h here" in capsys.readouterr().out

@@ -291,14 +291,18 @@ def main(argv: list[str] | None = None) -> dict:
             earlier = (old,)
             changed = ", ".join(key for key, ok in same.items() if not ok)
             print(f"{path}: its {changed} differ from this run's; starting the size's results over", flush=True)
+    committed = os.path.join(p.get_default("results"), f"{args.size}.json")  # results run to a folder of their own
+    if os.path.abspath(committed) != os.path.abspath(path) and os.path.exists(committed):
+        with open(committed) as f:
+            earlier += (json.load(f),)
     done = {(r["method"], r["epsilon"], r["seed"]) for r in record["rows"]}
     # Seed-major: every method and epsilon once before the second seed (an interrupted run is still a comparison).
     plan = [(m, e, s) for s in range(seeds) for m in args.methods
             for e in ([None] if m == "nonprivate" else epsilons)
             if (m, e, s) not in done and not (m == "nonprivate" and s > 0)]
     os.makedirs(args.results, exist_ok=True)
-    counts = {m: sum(p[0] == m for p in plan) for m in dict.fromkeys(p[0] for p in plan)}
-    print(f"experiment {args.size}: {len(plan)} runs to go ({', '.join(f'{m} {n}' for m, n in counts.items())}), "
+    counts = ", ".join(f"{m} {sum(p[0] == m for p in plan)}" for m in dict.fromkeys(p[0] for p in plan))
+    print(f"experiment {args.size}: {len(plan)} run{'' if len(plan) == 1 else 's'} to go ({counts}), "
           f"{len(done)} done; {_eta(plan, record, earlier)}", flush=True)
     for i, (method, epsilon, seed) in enumerate(plan, 1):
         eta = _eta(plan[i - 1:], record, earlier)
