@@ -217,7 +217,8 @@ def _eta(plan: list[tuple], record: dict, earlier: tuple[dict, ...]) -> str:
     minutes, untimed = estimate_minutes(plan, record, earlier)
     if len(untimed) == len({m for m, _, _ in plan}):
         return "no earlier run of this size to time it by"
-    return f"about {minutes / 60:.1f} h here" + (f", plus the {', '.join(untimed)} runs (never timed)" if untimed else "")
+    plus = f", plus the {', '.join(untimed)} runs (never timed)" if untimed else ""
+    return f"about {minutes / 60:.1f} h here{plus}"
 
 
 REFERENCES = ("real_data_classifier", "autoencoder_classifier", "public_model")
