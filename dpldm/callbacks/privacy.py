@@ -43,12 +43,17 @@ class PrivacyMonitor(L.Callback):
             json.dump({**self.final, "accountant": dp.settings.accountant, "max_grad_norm": dp.settings.max_grad_norm,
                        "target_epsilon": dp.settings.epsilon, "planned_steps": dp.plan.planned_steps,
                        "world_size": trainer.world_size,
-                       "segments": dp.segments()}, f, indent=2)  # every (sigma, q, steps), resumed runs included
+                       "segments": dp.segments(),  # every (sigma, q, steps), resumed runs included
+                       "prior": [{"noise_multiplier": s, "sample_rate": q, "steps": t}
+                                 for s, q, t in dp.accountant.prior],
+                       "prior_epsilon": dp.accountant.prior_epsilon()}, f, indent=2)  # composed into epsilon above
         r = self.final
         rank_zero_info(f"DP-SGD: epsilon = {r['privacy/epsilon']:.3f} at delta = {r['privacy/delta']:.3g} "
                        f"({dp.settings.accountant.upper()}), sigma = {r['privacy/noise_multiplier']:.4g}, "
                        f"q = {r['privacy/sample_rate']:.4g}, steps = {int(r['privacy/steps'])}, "
                        f"C = {dp.settings.max_grad_norm}"
+                       + (f"; with {len(dp.accountant.prior)} prior releases (epsilon = "
+                          f"{dp.accountant.prior_epsilon():.3g} alone) composed in" if dp.accountant.prior else "")
                        + ("; segments (sigma, q, steps): " + ", ".join(f"({s:.4g}, {q:.4g}, {t})" for s, q, t
                                                                      in dp.accountant.history)
                           if len(dp.accountant.history) > 1 else ""))

@@ -3,7 +3,7 @@
 from dpldm.privacy.accounting import PrivacyAccountant, calibrate_noise, epsilon_for, max_steps_within
 from dpldm.privacy.engine import DPSGDEngine
 from dpldm.privacy.scope import TrainableScope
-from dpldm.privacy.settings import DifferentialPrivacy
+from dpldm.privacy.settings import DifferentialPrivacy, PriorRelease
 
-__all__ = ["DPSGDEngine", "DifferentialPrivacy", "PrivacyAccountant", "TrainableScope", "calibrate_noise",
-           "epsilon_for", "max_steps_within"]
+__all__ = ["DPSGDEngine", "DifferentialPrivacy", "PriorRelease", "PrivacyAccountant", "TrainableScope",
+           "calibrate_noise", "epsilon_for", "max_steps_within"]

@@ -93,10 +93,14 @@ class PrivacyAccountant:
     Args:
         kind: ``prv`` or ``rdp``.
         delta: the delta at which epsilon is reported.
+        prior: (sigma, q, steps) segments spent on the same private set before this run, by releases this run
+            depends on (e.g. the runs a hyperparameter search compared): composed into ``epsilon()``, never
+            counted in ``steps`` or ``history`` (this run's own).
     """
 
-    def __init__(self, kind: AccountantKind, delta: float):
+    def __init__(self, kind: AccountantKind, delta: float, prior: Sequence[Segment] = ()):
         self.kind, self.delta = kind, delta
+        self.prior: list[Segment] = [tuple(seg) for seg in prior]
         self._acc = create_accountant(kind)
 
     def add(self, noise_multiplier: float, sample_rate: float, steps: int = 1) -> None:
@@ -114,24 +118,43 @@ class PrivacyAccountant:
         return sum(s for _, _, s in self._acc.history)
 
     def epsilon(self) -> float:
-        if self.steps == 0:
+        """Epsilon at ``delta`` of the prior segments and this run's steps, composed."""
+        segments = self.composed
+        if not any(t > 0 for _, _, t in segments):
             return 0.0
-        if any(sigma == 0 for sigma, _, _ in self._acc.history):
+        if any(sigma == 0 for sigma, _, t in segments if t > 0):
             return float("inf")
+        acc = create_accountant(self.kind)
+        acc.history = [seg for seg in segments if seg[2] > 0]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return float(self._acc.get_epsilon(delta=self.delta))
+            return float(acc.get_epsilon(delta=self.delta))
 
     @property
     def history(self) -> list[Segment]:
-        """Every (sigma, q, steps) segment accounted so far, in order."""
+        """Every (sigma, q, steps) segment this run accounted so far, in order."""
         return [tuple(h) for h in self._acc.history]
 
+    def prior_epsilon(self) -> float:
+        """Epsilon at ``delta`` of the prior segments alone."""
+        return PrivacyAccountant(self.kind, self.delta, self.prior).epsilon()
+
+    @property
+    def composed(self) -> list[Segment]:
+        """The prior segments, then this run's: what every epsilon (reported or calibrated) is composed over."""
+        return [*self.prior, *self.history]
+
     def state_dict(self) -> dict:
-        return {"kind": self.kind, "delta": self.delta, "history": [tuple(h) for h in self._acc.history]}
+        return {"kind": self.kind, "delta": self.delta, "history": [tuple(h) for h in self._acc.history],
+                "prior": [tuple(h) for h in self.prior]}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue a checkpoint's accountant; its prior must be this run's (a resume never drops a release)."""
         if state["kind"] != self.kind:
             raise ValueError(f"checkpoint accountant is {state['kind']!r}, this run uses {self.kind!r}")
+        saved = [tuple(h) for h in state.get("prior", [])]
+        if saved != self.prior:
+            raise ValueError(f"checkpoint accountant composes the prior segments {saved}, this run declares "
+                             f"{self.prior} (model.init_args.privacy.init_args.prior)")
         self.delta = state["delta"]
         self._acc.history = [tuple(h) for h in state["history"]]

@@ -112,7 +112,7 @@ class DPSGDEngine:
         self.settings, self.plan, self.rank, self.world_size = settings, plan, rank, world_size
         self.nonfinite_examples = 0  # examples whose gradient was not finite, zeroed (a private count: not logged)
         self.params = [p for m in trained for p in m.parameters() if p.requires_grad]
-        self.accountant = PrivacyAccountant(settings.accountant, plan.delta)
+        self.accountant = PrivacyAccountant(settings.accountant, plan.delta, settings.prior_segments())
         self.noise_multiplier, self.budget_steps = self._budget()
         self.seed = settings.seed if settings.seed is not None else fresh_seed()
         self.noise_generator = torch.Generator()
@@ -129,11 +129,17 @@ class DPSGDEngine:
         target), both after the steps already accounted: a resumed run with a longer plan spends the budget
         that is left, never the whole budget again."""
         s, p, done = self.settings, self.plan, self.accountant.steps
+        if s.prior and s.epsilon is not None:  # invariant 7: a budget the declared releases already spent
+            spent = self.accountant.prior_epsilon()
+            if spent >= s.epsilon:
+                raise ConfigError(f"{FIELD}.prior", f"{len(s.prior)} releases", f"already spend epsilon = "
+                                  f"{spent:.4g} >= epsilon = {s.epsilon} at delta = {p.delta:.3g}: no budget is "
+                                  "left for this run")
         if s.noise_multiplier is not None:
             return float(s.noise_multiplier), self._steps_allowed(float(s.noise_multiplier))
         try:
             sigma = calibrate_noise(s.epsilon, p.delta, p.sample_rate, max(p.planned_steps - done, 1), s.accountant,
-                                    self.accountant.history)
+                                    self.accountant.composed)
         except ValueError as err:
             raise ConfigError(f"{FIELD}.epsilon", s.epsilon, f"leaves no budget for more steps: the {done} steps "
                               f"already taken spend epsilon = {self.accountant.epsilon():.4g} ({err})") from None
@@ -147,6 +153,8 @@ class DPSGDEngine:
                  f"sigma = {self.noise_multiplier:.4g} (calibrated)")
         target = f"target epsilon = {s.epsilon:g}" if s.epsilon is not None else "no epsilon target"
         resumed = f", {done} already taken" if done else ""
+        if s.prior:  # what the declared releases spent, composed before this run's first step
+            resumed += f", after {len(s.prior)} prior releases (epsilon = {self.accountant.prior_epsilon():.4g})"
         return (f"DP-SGD plan: N = {p.num_samples:,}, expected batch B = {p.expected_batch_size:,} (Poisson, q = "
                 f"{p.sample_rate:.4g}), T = {p.planned_steps:,} steps{resumed}, {sigma}, {target} at delta = "
                 f"{p.delta:.3g} ({s.accountant.upper()} accountant), C = {s.max_grad_norm:g}")
@@ -157,7 +165,7 @@ class DPSGDEngine:
         if s.epsilon is None:
             return None
         extra = max_steps_within(s.epsilon, sigma, p.sample_rate, p.delta, s.accountant,
-                                 limit=p.planned_steps - done, history=self.accountant.history)
+                                 limit=p.planned_steps - done, history=self.accountant.composed)
         if extra == 0 and done == 0:  # invariant 7: fail fast rather than train 0 steps and exit 0
             one = epsilon_for(sigma, p.sample_rate, 1, p.delta, s.accountant)
             raise ConfigError(f"{FIELD}.noise_multiplier", s.noise_multiplier,

@@ -12,6 +12,23 @@ from dpldm.privacy.accounting import AccountantKind
 FIELD = "model.init_args.privacy.init_args"
 
 
+@dataclass(frozen=True)
+class PriorRelease:
+    """DP-SGD steps spent on the same private training set before this run, by a release this run depends on:
+    a run whose result chose this run's settings (hyperparameter selection is a function of the runs it compared,
+    so it costs their privacy; Papernot & Steinke, 2022), or an earlier stage trained on the same data.
+
+    Args:
+        noise_multiplier: its sigma.
+        sample_rate: its Poisson rate q.
+        steps: its DP-SGD steps T.
+    """
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+
+
 class DifferentialPrivacy:
     """DP-SGD (Abadi et al., 2016) with Poisson sampling: clip each example's whole gradient to norm C,
     sum, add N(0, sigma^2 C^2), divide by the expected batch size qN.
@@ -36,17 +53,26 @@ class DifferentialPrivacy:
             ``fast`` (ghost or instantiated norms per Linear layer, whichever is cheaper, and book-keeping:
             no per-example gradients where they are not needed), ``ghost`` (ghost norms for every Linear
             layer), ``hooks`` (Opacus's per-example gradients for every layer).
+        prior: releases on the same private set that this run depends on (:class:`PriorRelease`), composed
+            into every epsilon: sigma is calibrated so that they and this run together spend ``epsilon``, and
+            the reported epsilon is theirs and this run's together.
     """
 
     def __init__(self, epsilon: float | None = 10.0, delta: float | None = None, max_grad_norm: float = 1.0,
                  noise_multiplier: float | None = None, accountant: AccountantKind = "prv",
                  max_physical_batch_size: int = 64, secure_mode: bool = False, seed: int | None = None,
-                 log_private_metrics: bool = False, clipping: Literal["fast", "ghost", "hooks"] = "fast"):
+                 log_private_metrics: bool = False, clipping: Literal["fast", "ghost", "hooks"] = "fast",
+                 prior: list[PriorRelease] | None = None):
         self.epsilon, self.delta, self.max_grad_norm = epsilon, delta, max_grad_norm
         self.noise_multiplier, self.accountant = noise_multiplier, accountant
         self.max_physical_batch_size, self.secure_mode, self.seed = max_physical_batch_size, secure_mode, seed
         self.log_private_metrics, self.clipping = log_private_metrics, clipping
+        self.prior = list(prior or [])
         check_settings(self)
+
+    def prior_segments(self) -> list[tuple[float, float, int]]:
+        """``prior`` as the accountant's (sigma, q, steps) segments."""
+        return [(r.noise_multiplier, r.sample_rate, r.steps) for r in self.prior]
 
 
 def check_settings(dp: DifferentialPrivacy) -> None:
@@ -68,6 +94,13 @@ def check_settings(dp: DifferentialPrivacy) -> None:
                           "sampling reproducible by whoever learns it")
     if dp.max_physical_batch_size < 1:
         raise ConfigError(f"{FIELD}.max_physical_batch_size", dp.max_physical_batch_size, "must be >= 1")
+    for i, r in enumerate(dp.prior):
+        if not r.noise_multiplier > 0:
+            raise ConfigError(f"{FIELD}.prior[{i}].noise_multiplier", r.noise_multiplier, "must be > 0")
+        if not 0 < r.sample_rate <= 1:
+            raise ConfigError(f"{FIELD}.prior[{i}].sample_rate", r.sample_rate, "must be in (0, 1]")
+        if not r.steps >= 1:
+            raise ConfigError(f"{FIELD}.prior[{i}].steps", r.steps, "must be >= 1")
 
 
 @dataclass(frozen=True)

@@ -72,3 +72,24 @@ def test_steps_within_the_budget_count_the_history():
     assert (epsilon_for(1.5, q, extra, delta, "rdp", history=history) <= 8.0
             < epsilon_for(1.5, q, extra + 1, delta, "rdp", history=history))
     assert extra < max_steps_within(8.0, 1.5, q, delta, "rdp", limit=5_000)
+
+
+def test_prior_releases_compose_into_epsilon_but_not_into_this_runs_steps():
+    """A hyperparameter search's runs (declared as prior) count in every epsilon, never as steps taken."""
+    prior = [(0.5, 0.01, 100), (0.7, 0.03, 20)]
+    acc = PrivacyAccountant("prv", 1e-5, prior)
+    assert acc.epsilon() == pytest.approx(acc.prior_epsilon()) and acc.steps == 0 and acc.history == []
+    for _ in range(30):
+        acc.add(1.1, 0.01)
+    brute = PrivacyAccountant("prv", 1e-5)  # the same segments, all accounted as steps
+    for segment in [*prior, (1.1, 0.01, 30)]:
+        brute.add(*segment)
+    assert acc.epsilon() == pytest.approx(brute.epsilon()) and acc.steps == 30
+    assert acc.prior_epsilon() < acc.epsilon() and acc.history == [(1.1, 0.01, 30)]
+    other = PrivacyAccountant("prv", 1e-5, prior)  # a resume with the same prior continues the same epsilon
+    other.load_state_dict(acc.state_dict())
+    assert other.epsilon() == pytest.approx(acc.epsilon())
+    with pytest.raises(ValueError, match="prior"):  # a resume never drops (or changes) a declared release
+        PrivacyAccountant("prv", 1e-5).load_state_dict(acc.state_dict())
+    legacy = {k: v for k, v in PrivacyAccountant("prv", 1e-5).state_dict().items() if k != "prior"}
+    PrivacyAccountant("prv", 1e-5).load_state_dict(legacy)  # checkpoints from before `prior` existed

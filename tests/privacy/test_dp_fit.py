@@ -164,3 +164,27 @@ def test_the_loader_in_use_samples_at_the_accounted_rate(tmp_path):
     t = trainer(tmp_path, 1, enable_checkpointing=False)
     t.fit(model, data())
     assert poisson_rate(t.train_dataloader) == pytest.approx(model.dp.plan.sample_rate)
+
+
+def test_declared_prior_releases_are_read_from_yaml_accounted_and_written_to_privacy_json(tmp_path):
+    """`prior:` in a config (the runs a search compared): sigma leaves room for them, the logged and saved
+    epsilon is theirs and the run's together, and privacy.json lists them."""
+    import json
+
+    from dpldm.commands.lightning_cli import DPLDMCLI
+    from dpldm.privacy import PriorRelease
+    from tests.privacy.tiny_fit import tiny_dp_config
+
+    search = [{"noise_multiplier": 1.5, "sample_rate": 0.01, "steps": 50}]
+    config = tiny_dp_config(tmp_path / "run", max_steps=3, privacy={"prior": search})
+    cli = DPLDMCLI(args=["--config", config, "--trainer.logger=false"], run=False)
+    assert cli.model.privacy.prior == [PriorRelease(1.5, 0.01, 50)]
+    model = dp_model(prior=cli.model.privacy.prior)
+    trainer(tmp_path, 3, enable_checkpointing=False).fit(model, data())
+    acc, row = model.dp.accountant, _logged(tmp_path)
+    q, sigma = float(row["privacy/sample_rate"]), float(row["privacy/noise_multiplier"])
+    composed = epsilon_for(sigma, q, 3, acc.delta, "prv", history=[(1.5, 0.01, 50)])
+    assert float(row["privacy/epsilon"]) == pytest.approx(composed, rel=1e-6) and composed <= 8.0
+    assert acc.prior_epsilon() < composed and float(row["privacy/steps"]) == 3
+    report = json.load(open(next(tmp_path.glob("logs/version_*/privacy.json"))))
+    assert report["prior"] == search and report["prior_epsilon"] == pytest.approx(acc.prior_epsilon())

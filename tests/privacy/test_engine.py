@@ -213,3 +213,28 @@ def test_the_plan_printed_at_fit_start_is_the_one_accounted():
     sigma = calibrate_noise(3.0, 1e-4, 0.05, 40, "prv")
     assert (f"N = 1,000, expected batch B = 50 (Poisson, q = 0.05), T = 40 steps, sigma = {sigma:.4g} (calibrated), "
             "target epsilon = 3 at delta = 0.0001 (PRV accountant), C = 0.5") in line
+
+
+def test_sigma_is_calibrated_so_that_the_prior_releases_and_this_run_spend_epsilon():
+    from dpldm.errors import ConfigError
+    from dpldm.privacy import PriorRelease
+    from dpldm.privacy.accounting import calibrate_noise, epsilon_for
+
+    model = make_model()
+    plan = PrivacyPlan(num_samples=1000, expected_batch_size=50, sample_rate=0.05, delta=1e-4, planned_steps=40)
+    search = [PriorRelease(1.0, 0.05, 40), PriorRelease(1.2, 0.05, 40)]  # two runs a search compared
+    engine = DPSGDEngine(DifferentialPrivacy(epsilon=6.0, seed=0, prior=search), plan, model.trained_modules)
+    history = [(1.0, 0.05, 40), (1.2, 0.05, 40)]
+    assert engine.noise_multiplier == calibrate_noise(6.0, 1e-4, 0.05, 40, "prv", history=history)
+    assert engine.noise_multiplier > DPSGDEngine(DifferentialPrivacy(epsilon=6.0, seed=0), plan,
+                                                 model.trained_modules).noise_multiplier
+    total = epsilon_for(engine.noise_multiplier, 0.05, 40, 1e-4, "prv", history=history)
+    assert 5.9 <= total <= 6.0 and engine.budget_steps == 40
+    for _ in range(40):
+        engine.step_taken()
+    assert engine.report()["privacy/epsilon"] == pytest.approx(total)  # reported: the prior and this run
+    assert "after 2 prior releases (epsilon = " in engine.describe()
+    spent = epsilon_for(1.2, 0.05, 40, 1e-4, "prv", history=history[:1])
+    with pytest.raises(ConfigError) as err:  # the search alone spent the budget: fail before any step
+        DPSGDEngine(DifferentialPrivacy(epsilon=spent * 0.99, seed=0, prior=search), plan, model.trained_modules)
+    assert err.value.field == "model.init_args.privacy.init_args.prior" and "no budget is left" in err.value.bound

@@ -8,7 +8,7 @@ from torch.utils.data import IterableDataset
 
 from dpldm.errors import ConfigError
 from dpldm.privacy.sampling import poisson_loader
-from dpldm.privacy.settings import DifferentialPrivacy, check_trainer, plan
+from dpldm.privacy.settings import DifferentialPrivacy, PriorRelease, check_trainer, plan
 
 F = "model.init_args.privacy.init_args"
 
@@ -21,6 +21,9 @@ F = "model.init_args.privacy.init_args"
     ({"noise_multiplier": -0.5}, f"{F}.noise_multiplier", ">= 0"),
     ({"accountant": "gdp"}, f"{F}.accountant", "prv"),
     ({"max_physical_batch_size": 0}, f"{F}.max_physical_batch_size", ">= 1"),
+    ({"prior": [PriorRelease(1.0, 0.01, 10), PriorRelease(0.0, 0.01, 10)]}, f"{F}.prior[1].noise_multiplier", "> 0"),
+    ({"prior": [PriorRelease(1.0, 1.5, 10)]}, f"{F}.prior[0].sample_rate", "(0, 1]"),
+    ({"prior": [PriorRelease(1.0, 0.01, 0)]}, f"{F}.prior[0].steps", ">= 1"),
 ])
 def test_invalid_settings_raise(kwargs, field, bound):
     with pytest.raises(ConfigError) as err:
