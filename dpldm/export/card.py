@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import os
 
+from dpldm.privacy.accounting import PrivacyAccountant
 from dpldm.runs import rebased
 from dpldm.utils.files import files_digest
 
@@ -121,6 +122,11 @@ def model_card(name: str, model: object, privacy: dict | None, cfg: dict, run_di
                 ("clipping norm C", f"{dp.max_grad_norm:g}, each example's whole gradient"),
                 ("noise draws K", f"{model.noise_draws} (the K losses of an example averaged, then clipped once)"),
                 ("trained", f"{scope} scope: {trained:.1%} of the parameters (the rest frozen, public)")]
+        if dp.prior:  # declared releases this model depends on (a search's runs): already inside ε above
+            alone = PrivacyAccountant(dp.accountant, privacy["privacy/delta"], dp.prior_segments()).epsilon()
+            rows.insert(1, ("composed with", f"{len(dp.prior)} prior releases on the same images (ε = {alone:.3g} "
+                            "alone; σ, q, T: " + ", ".join(f"({r.noise_multiplier:.4g}, {r.sample_rate:.4g}, "
+                                                             f"{r.steps})" for r in dp.prior) + ")"))
         body = [f"# {name}: a differentially private latent diffusion model", "",
                 "Fine-tuned by dpldm following DP-LDM (Lyu, Liu, Vinaroz, Park; TMLR 2024): "
                 "a public latent diffusion model whose autoencoder stays frozen, trained with DP-SGD on private "
