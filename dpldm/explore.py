@@ -44,7 +44,8 @@ def _imshow(ax: plt.Axes, img: Tensor) -> None:
 
 
 def privacy_curve(checkpoint: str | dict, points: int = 50) -> dict[str, np.ndarray | float]:
-    """Epsilon after t steps, t = 1 .. T, from the accountant state a DP checkpoint carries.
+    """Epsilon after t steps, t = 1 .. T, from the accountant state a DP checkpoint carries (with the declared
+    prior releases composed in, as the run reported it).
 
     Args:
         checkpoint: a ``.ckpt`` path or a loaded checkpoint dict.
@@ -61,7 +62,7 @@ def privacy_curve(checkpoint: str | dict, points: int = 50) -> dict[str, np.ndar
     steps = np.unique(np.linspace(1, total, min(points, total)).round().astype(int))
     epsilons = []
     for t in steps:  # the first t steps of the history, in order
-        acc, left = PrivacyAccountant(state["kind"], state["delta"]), t
+        acc, left = PrivacyAccountant(state["kind"], state["delta"], state.get("prior", ())), t  # prior composed in
         for sigma, q, n in history:
             acc.add(sigma, q, min(n, left))
             left -= min(n, left)

@@ -23,6 +23,11 @@ def test_privacy_curve_is_the_accountant_over_the_first_t_steps():
     acc.add(0.9, 0.05, 20)
     assert curve["epsilon"][-1] == pytest.approx(acc.epsilon())
     assert len(privacy_curve({"state_dict": {}})["steps"]) == 0  # not a DP checkpoint
+    prior = [(2.0, 0.05, 100)]  # declared releases: every point of the curve composes them, as the run reported
+    ckpt["privacy"]["accountant"]["prior"] = prior
+    with_prior = privacy_curve(ckpt, points=11)
+    assert with_prior["epsilon"][-1] == pytest.approx(PrivacyAccountant("rdp", 1e-5, [*prior, *history]).epsilon())
+    assert np.all(with_prior["epsilon"] > curve["epsilon"])
 
 
 def test_nearest_matches_brute_force():
