@@ -225,3 +225,14 @@ def test_tiny_sweep_end_to_end_with_the_selection_accounted(tmp_path, capsys):
     eps = result["selection_epsilon"]
     assert eps == pytest.approx(acc.epsilon(), rel=1e-9) and eps > max(float(r["epsilon"]) for r in rows)
     assert f"epsilon = {eps:.4g} at delta" in printed
+    # the same runs, ready to declare as the prior of a retrained model: its accountant composes them as above
+    import yaml
+
+    from dpldm.privacy import PriorRelease
+
+    block = yaml.safe_load(printed.split("model.init_args.privacy.init_args:\n")[1].split("\n")[0])
+    declared = [PriorRelease(**r) for r in block["prior"]]
+    segments = [(r.noise_multiplier, r.sample_rate, r.steps) for r in declared]
+    assert [x for seg in segments for x in seg] == pytest.approx(
+        [x for r in rows for x in (float(r["sigma"]), float(r["q"]), int(float(r["steps"])))], rel=1e-5)
+    assert PrivacyAccountant("prv", float(rows[0]["delta"]), segments).epsilon() == pytest.approx(eps, rel=1e-4)

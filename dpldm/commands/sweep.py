@@ -32,8 +32,10 @@ CAVEAT = ("Caveat: every run is DP on its own, but choosing among them with a me
           "the released model's guarantee is then not just its own epsilon.")
 HOW_TO = ("To account for the selection: --account-selection composes all runs' DP-SGD steps in one accountant "
           "(pessimistic but valid; for a finished sweep, add the sigma, q, steps of results.csv to one "
-          "dpldm.privacy.accounting.PrivacyAccountant); or select on a public validation set; or run a random "
-          "number of runs as Papernot & Steinke do (a small multiple of one run's epsilon, not the sum).")
+          "dpldm.privacy.accounting.PrivacyAccountant); or retrain the chosen settings with the runs declared "
+          "under privacy.init_args.prior (sigma is then calibrated so that the search and the new run together "
+          "spend its epsilon); or select on a public validation set; or run a random number of runs as Papernot "
+          "& Steinke do (a small multiple of one run's epsilon, not the sum).")
 
 
 def fit_command(sweep: Sweep, params: dict[str, Any], run_dir: Path, extra: list[str] = ()) -> list[str]:
@@ -179,6 +181,10 @@ def report(rows: list[dict], sweep: Sweep, account_selection: bool) -> dict[str,
           "but valid for the training set when the metric is computed on data outside it.")
     if any(r["status"] != "ok" for r in counted):
         print("Failed runs are composed with the steps they last logged (privacy.json is written at the end).")
+    prior = ", ".join(f"{{noise_multiplier: {r['sigma']:.6g}, sample_rate: {r['q']:.6g}, steps: {int(r['steps'])}}}"
+                      for r in counted if r["sigma"] is not None)
+    print(f"To retrain the chosen settings with the selection inside its epsilon, add to its config under "
+          f"model.init_args.privacy.init_args:\n  prior: [{prior}]")
     return {"rows": rows, "best": best, "selection_epsilon": eps, "selection_delta": delta}
 
 
