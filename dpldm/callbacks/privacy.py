@@ -52,7 +52,8 @@ class PrivacyMonitor(L.Callback):
                        f"({dp.settings.accountant.upper()}), sigma = {r['privacy/noise_multiplier']:.4g}, "
                        f"q = {r['privacy/sample_rate']:.4g}, steps = {int(r['privacy/steps'])}, "
                        f"C = {dp.settings.max_grad_norm}"
-                       + (f"; with {len(dp.accountant.prior)} prior releases (epsilon = "
+                       + (f"; with {len(dp.accountant.prior)} prior release"
+                          f"{'s' * (len(dp.accountant.prior) != 1)} (epsilon = "
                           f"{dp.accountant.prior_epsilon():.3g} alone) composed in" if dp.accountant.prior else "")
                        + ("; segments (sigma, q, steps): " + ", ".join(f"({s:.4g}, {q:.4g}, {t})" for s, q, t
                                                                      in dp.accountant.history)

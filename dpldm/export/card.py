@@ -124,7 +124,8 @@ def model_card(name: str, model: object, privacy: dict | None, cfg: dict, run_di
                 ("trained", f"{scope} scope: {trained:.1%} of the parameters (the rest frozen, public)")]
         if dp.prior:  # declared releases this model depends on (a search's runs): already inside ε above
             alone = PrivacyAccountant(dp.accountant, privacy["privacy/delta"], dp.prior_segments()).epsilon()
-            rows.insert(1, ("composed with", f"{len(dp.prior)} prior releases on the same images (ε = {alone:.3g} "
+            n = len(dp.prior)
+            rows.insert(1, ("composed with", f"{n} prior release{'s' * (n != 1)} on the same images (ε = {alone:.3g} "
                             "alone; σ, q, T: " + ", ".join(f"({r.noise_multiplier:.4g}, {r.sample_rate:.4g}, "
                                                              f"{r.steps})" for r in dp.prior) + ")"))
         body = [f"# {name}: a differentially private latent diffusion model", "",

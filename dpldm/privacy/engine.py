@@ -154,7 +154,8 @@ class DPSGDEngine:
         target = f"target epsilon = {s.epsilon:g}" if s.epsilon is not None else "no epsilon target"
         resumed = f", {done} already taken" if done else ""
         if s.prior:  # what the declared releases spent, composed before this run's first step
-            resumed += f", after {len(s.prior)} prior releases (epsilon = {self.accountant.prior_epsilon():.4g})"
+            resumed += (f", after {len(s.prior)} prior release{'s' * (len(s.prior) != 1)} "
+                        f"(epsilon = {self.accountant.prior_epsilon():.4g})")
         return (f"DP-SGD plan: N = {p.num_samples:,}, expected batch B = {p.expected_batch_size:,} (Poisson, q = "
                 f"{p.sample_rate:.4g}), T = {p.planned_steps:,} steps{resumed}, {sigma}, {target} at delta = "
                 f"{p.delta:.3g} ({s.accountant.upper()} accountant), C = {s.max_grad_norm:g}")

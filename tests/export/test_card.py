@@ -42,5 +42,5 @@ def test_the_card_of_a_run_with_declared_prior_releases_lists_them_beside_the_co
     assert "(ε = 7.9, δ = 1e-05)-DP" in plain and "prior releases" not in plain
     card = model_card("m", dp_model(prior=[PriorRelease(1.5, 0.01, 50)]), record, cfg, str(tmp_path / "run"))
     alone = epsilon_for(1.5, 0.01, 50, 1e-5, "prv")
-    assert (f"| composed with | 1 prior releases on the same images (ε = {alone:.3g} alone; σ, q, T: "
+    assert (f"| composed with | 1 prior release on the same images (ε = {alone:.3g} alone; σ, q, T: "
             "(1.5, 0.01, 50)) |") in card
