@@ -132,7 +132,7 @@ class DPSGDEngine:
         if s.prior and s.epsilon is not None:  # invariant 7: a budget the declared releases already spent
             spent = self.accountant.prior_epsilon()
             if spent >= s.epsilon:
-                raise ConfigError(f"{FIELD}.prior", f"{len(s.prior)} releases", f"already spend epsilon = "
+                raise ConfigError(f"{FIELD}.prior", s.prior, f"already spends epsilon = "
                                   f"{spent:.4g} >= epsilon = {s.epsilon} at delta = {p.delta:.3g}: no budget is "
                                   "left for this run")
         if s.noise_multiplier is not None:
