@@ -39,14 +39,13 @@ class PrivacyMonitor(L.Callback):
         for logger in trainer.loggers:
             logger.log_metrics(self.final, step=trainer.global_step)
         os.makedirs(root, exist_ok=True)
+        prior_epsilon = dp.accountant.prior_epsilon()  # already composed into the epsilon above
         with open(os.path.join(root, "privacy.json"), "w") as f:
             json.dump({**self.final, "accountant": dp.settings.accountant, "max_grad_norm": dp.settings.max_grad_norm,
                        "target_epsilon": dp.settings.epsilon, "planned_steps": dp.plan.planned_steps,
                        "world_size": trainer.world_size,
                        "segments": dp.segments(),  # every (sigma, q, steps), resumed runs included
-                       "prior": [{"noise_multiplier": s, "sample_rate": q, "steps": t}
-                                 for s, q, t in dp.accountant.prior],
-                       "prior_epsilon": dp.accountant.prior_epsilon()}, f, indent=2)  # composed into epsilon above
+                       "prior": dp.segments(prior=True), "prior_epsilon": prior_epsilon}, f, indent=2)
         r = self.final
         rank_zero_info(f"DP-SGD: epsilon = {r['privacy/epsilon']:.3f} at delta = {r['privacy/delta']:.3g} "
                        f"({dp.settings.accountant.upper()}), sigma = {r['privacy/noise_multiplier']:.4g}, "
@@ -54,7 +53,7 @@ class PrivacyMonitor(L.Callback):
                        f"C = {dp.settings.max_grad_norm}"
                        + (f"; with {len(dp.accountant.prior)} prior release"
                           f"{'s' * (len(dp.accountant.prior) != 1)} (epsilon = "
-                          f"{dp.accountant.prior_epsilon():.3g} alone) composed in" if dp.accountant.prior else "")
+                          f"{prior_epsilon:.3g} alone) composed in" if dp.accountant.prior else "")
                        + ("; segments (sigma, q, steps): " + ", ".join(f"({s:.4g}, {q:.4g}, {t})" for s, q, t
                                                                      in dp.accountant.history)
                           if len(dp.accountant.history) > 1 else ""))

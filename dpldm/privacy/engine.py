@@ -193,9 +193,11 @@ class DPSGDEngine:
             self.noise_multiplier, self.budget_steps = self._budget()
         self.reseed(step)
 
-    def segments(self) -> list[dict]:
-        """The accountant's history, one ``{noise_multiplier, sample_rate, steps}`` per segment (privacy.json)."""
-        return [{"noise_multiplier": s, "sample_rate": q, "steps": t} for s, q, t in self.accountant.history]
+    def segments(self, prior: bool = False) -> list[dict]:
+        """The accountant's history (``prior``: the declared prior releases instead), one
+        ``{noise_multiplier, sample_rate, steps}`` per segment (privacy.json)."""
+        segments = self.accountant.prior if prior else self.accountant.history
+        return [{"noise_multiplier": s, "sample_rate": q, "steps": t} for s, q, t in segments]
 
     def reseed(self, step: int) -> None:
         self.noise_generator.manual_seed(derive_seed(self.seed, step, 1))
