@@ -7,6 +7,7 @@ physical micro-batches of ``--physical``; non-DP steps run the batch at once.
 
     python bench/dp_step.py                      # all geometries, batch 64 and 256
     python bench/dp_step.py --geometries quickstart --batch-sizes 64 --steps 3
+    python bench/dp_step.py --geometries quickstart --batch-sizes 256 --physical 256 --scopes full --vs-hooks
     python bench/dp_step.py --device cuda --precision bf16 --geometries cifar-gpu --batch-sizes 256 1024 --sampling
 
 On a GPU (``--device cuda``) memory is the peak of ``torch.cuda.max_memory_allocated`` over the timed steps
@@ -182,6 +183,8 @@ def main() -> None:
     p.add_argument("--physical", type=int, default=64, help="DP physical micro-batch size")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--clipping", default="fast", choices=["fast", "ghost", "hooks"], help="DP clipping method")
+    p.add_argument("--vs-hooks", action="store_true",
+                   help="also time each DP step with Opacus's per-example gradients (clipping: hooks), side by side")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--precision", default="32", choices=["32", "bf16"], help="fp32, or bf16 autocast (bf16-mixed)")
     p.add_argument("--sampling", action="store_true", help="also measure sampling throughput (images/s)")
@@ -217,6 +220,13 @@ def main() -> None:
                 print(f"{geometry:<11}{batch:>6} {scope:<10}{base['trained'] / base['total']:>10.1%} "
                       f"{base['time']:>8.3f}{priv['time']:>8.3f}{priv['time'] / base['time']:>7.2f}x"
                       f"{base['mem']:>10.0f}{priv['mem']:>8.0f}{priv['mem'] / max(base['mem'], 1):>6.2f}x", flush=True)
+                if a.vs_hooks:
+                    hooks = [*common, "--child", geometry, str(batch), scope, "1"]
+                    hooks[hooks.index("--clipping") + 1] = "hooks"
+                    ref = run_child(hooks)
+                    print(f"{'':<17} {a.clipping} vs hooks (Opacus per-example gradients): {priv['time']:.3f} s vs "
+                          f"{ref['time']:.3f} s a step ({ref['time'] / priv['time']:.2f}x faster), {priv['mem']:.0f} "
+                          f"vs {ref['mem']:.0f} MB", flush=True)
             if len(dp_times) == 2:
                 print(f"{'':<17} DP attention vs DP full: {dp_times['attention'] / dp_times['full']:.2f}x the time")
             if a.sampling:

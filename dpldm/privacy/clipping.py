@@ -9,9 +9,13 @@ gradient is G_i = g_i^T a_i. Two ways to get what clipping needs:
 - the clipped sum: *book-keeping* (Bu et al., 2023): sum_i c_i G_i = (c * g)^T a, one matmul over the
   activations and output gradients kept from the single backward pass; no second backward.
 
-1x1 convolutions (proj_in/proj_out of the transformer blocks) are Linear layers over H W tokens. Other
-trained layers (GroupNorm, LayerNorm, other convolutions, Embedding) have few parameters or are rare in the
-attention scope: their per-example gradients come from Opacus's grad samplers. The K noise draws of one
+A convolution is a Linear layer over its output positions: 1x1 convolutions (proj_in/proj_out of the
+transformer blocks) over H W tokens of C channels, a k x k convolution over H' W' tokens of its unfolded input
+patches (im2col, C k k values each; the weight viewed as [C_out, C k k]), so the full UNet's convolutions are
+clipped the same way, without Opacus's per-example [n, C_out, C k k] gradients (Bu et al., 2022, Sec. 3 treat
+convolutions so). The unfolded patches are made again for the clipped sum, not kept. Other trained layers
+(GroupNorm, LayerNorm, grouped convolutions, Embedding) have few parameters: their per-example gradients come
+from Opacus's grad samplers. The K noise draws of one
 example are its adjacent rows: they are joined into one sequence (Linear) or summed (others), so the
 *whole* gradient of the example's K-averaged loss is clipped once. Clip factors and the noise are Opacus's
 (``C / (||g_i|| + 1e-6)`` capped at 1; noise and scaling by :class:`SummedGradDPOptimizer`).
@@ -24,6 +28,7 @@ from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from opacus.grad_sample import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from torch import Tensor, nn
@@ -47,9 +52,27 @@ def _is_pointwise_conv(m: nn.Module) -> bool:
             and m.dilation == (1, 1) and m.groups == 1)
 
 
+def _is_unfoldable_conv(m: nn.Module) -> bool:
+    """A k x k convolution that is a Linear layer over its unfolded patches (zero padding, one group)."""
+    return (isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros"
+            and not isinstance(m.padding, str))
+
+
+def _is_linear_like(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or _is_pointwise_conv(m) or _is_unfoldable_conv(m)
+
+
 def _tokens(m: nn.Module, x: Tensor) -> Tensor:
-    """A Linear-like layer's input or output gradient as tokens [R, *, d]."""
+    """A Linear-like layer's output gradient (or a 1x1 convolution's input) as tokens [R, *, d]."""
     return x.flatten(2).transpose(1, 2) if isinstance(m, nn.Conv2d) else x  # [R, C, H, W] -> [R, H W, C]
+
+
+def _input_tokens(m: nn.Module, x: Tensor) -> Tensor:
+    """A Linear-like layer's input as tokens [R, *, d_in]: a k x k convolution's as its patches
+    [R, H' W', C k k] (im2col, in the order of ``weight.view(C_out, -1)``)."""
+    if not isinstance(m, nn.Conv2d) or _is_pointwise_conv(m):
+        return _tokens(m, x)
+    return F.unfold(x, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride).transpose(1, 2)
 
 
 def _zero_rows(x: Tensor, keep: Tensor) -> Tensor:
@@ -122,26 +145,52 @@ class BookKeepingClipper:
         return output
 
     def _linear(self, m: nn.Linear | nn.Conv2d, n: int) -> tuple[Tensor, Clipped]:
-        """Squared per-example norms [n] of a Linear (or 1x1 conv) layer, and how to make its clipped sum.
-        Norms and sums in the weights' precision (fp32 master weights under bf16-mixed autocast)."""
+        """Squared per-example norms [n] of a Linear-like layer (Linear, convolution), and how to make its
+        clipped sum. Norms and sums in the weights' precision (fp32 master weights under bf16-mixed autocast).
+
+        Ghost norms (cheap here) -> the clipped sum by book-keeping: (c g)^T a for a Linear layer, the
+        convolution's own weight-gradient kernel on (c g) for a k x k one. Instantiated norms -> the
+        per-example gradients G_i [n, d_out, d_in] are made anyway, so the sum is sum_i c_i G_i (no second
+        pass over the tokens, T times cheaper than book-keeping)."""
         dtype = m.weight.dtype
-        a = _fold(_tokens(m, self.inputs[m][0]), n).to(dtype)  # [n, T', d_in]
+        x = self.inputs[m][0]
+        a = _fold(_input_tokens(m, x), n).to(dtype)  # [n, T', d_in]
         g = _fold(_tokens(m, self.grads[m]), n).to(dtype)  # [n, T', d_out]
         t, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
         ghost = self.linear_norms == "ghost" or (self.linear_norms == "auto" and t * (d_in + d_out) < d_in * d_out)
+        weight = id(m.weight) in self._trained
+        bias = m.bias is not None and id(m.bias) in self._trained
+        per_example = None
         if ghost:  # <a a^T, g g^T>: [n, T', T'] Gram matrices, no [n, d_out, d_in] tensor
             sq = (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
         else:
-            sq = torch.bmm(g.transpose(1, 2), a).pow(2).sum((1, 2))  # ||G_i||^2 from G_i [n, d_out, d_in]
-        weight = id(m.weight) in self._trained
-        bias = m.bias is not None and id(m.bias) in self._trained
+            per_example = torch.bmm(g.transpose(1, 2), a)  # G_i [n, d_out, d_in]
+            sq = per_example.pow(2).sum((1, 2))
+        unfolded = isinstance(m, nn.Conv2d) and not _is_pointwise_conv(m)
+        if unfolded or per_example is not None:
+            a = None  # k x k patches are 9x the input: not kept across layers
         if bias:
             sq = sq + g.sum(1).pow(2).sum(1)
 
-        def clipped(c: Tensor, keep: Tensor | None) -> dict[nn.Parameter, Tensor]:  # book-keeping: (c g)^T a
-            cg, aa = (g, a) if keep is None else (_zero_rows(g, keep), _zero_rows(a, keep))
-            cg = cg * c[:, None, None]
-            out = {m.weight: (cg.reshape(-1, d_out).T @ aa.reshape(-1, d_in)).view_as(m.weight)} if weight else {}
+        def clipped(c: Tensor, keep: Tensor | None) -> dict[nn.Parameter, Tensor]:
+            cg = g if keep is None else _zero_rows(g, keep)
+            cg = cg * c[:, None, None]  # [n, T', d_out]
+            out = {}
+            if weight and per_example is not None:  # sum_i c_i G_i
+                ce = c if keep is None else torch.where(keep, c, 0.0)
+                out[m.weight] = torch.einsum("n,nij->ij", ce, _zero_rows(per_example, keep) if keep is not None
+                                             else per_example).view_as(m.weight)
+            elif weight and unfolded:  # the convolution's weight gradient for output gradients c_i g_i
+                r = x.shape[0] // n  # rows per example (K noise draws, adjacent)
+                xr = x.to(dtype) if keep is None else _zero_rows(x.to(dtype), keep.repeat_interleave(r))
+                grad_out = self.grads[m].to(dtype) * c.repeat_interleave(r).view(-1, 1, 1, 1)
+                if keep is not None:
+                    grad_out = _zero_rows(grad_out, keep.repeat_interleave(r))
+                out[m.weight] = torch.nn.grad.conv2d_weight(xr, m.weight.shape, grad_out, stride=m.stride,
+                                                            padding=m.padding, dilation=m.dilation, groups=m.groups)
+            elif weight:  # book-keeping: (c g)^T a
+                aa = a if keep is None else _zero_rows(a, keep)
+                out[m.weight] = (cg.reshape(-1, d_out).T @ aa.reshape(-1, d_in)).view_as(m.weight)
             if bias:
                 out[m.bias] = cg.sum((0, 1))
             return out
@@ -173,8 +222,8 @@ class BookKeepingClipper:
             return self._accumulate(num_examples, max_grad_norm)
 
     def _accumulate(self, num_examples: int, max_grad_norm: float) -> int:
-        parts = [self._linear(m, num_examples) if isinstance(m, nn.Linear) or _is_pointwise_conv(m)
-                 else self._sampled(m, num_examples) for m in self.layers if m in self.grads]
+        parts = [self._linear(m, num_examples) if _is_linear_like(m) else self._sampled(m, num_examples)
+                 for m in self.layers if m in self.grads]
         norms = torch.stack([sq for sq, _ in parts]).sum(0).sqrt()  # [n]: over all trained parameters
         finite = torch.isfinite(norms)
         bad = int((~finite).sum())

@@ -12,7 +12,7 @@ One logical step over a Poisson batch of n examples (expected size B = qN):
 
 ``clipping: fast`` (default) and ``ghost`` get norms and the clipped sum from layer inputs and output
 gradients (dpldm.privacy.clipping: ghost norms, book-keeping), never materialising per-example gradients
-of Linear layers; ``hooks`` uses Opacus's per-example gradients of every layer. All give the same update.
+of Linear layers and convolutions where ghost norms are cheaper; ``hooks`` uses Opacus's per-example gradients of every layer. All give the same update.
 Only the trained modules get any per-sample work.
 """
 

@@ -50,9 +50,9 @@ class DifferentialPrivacy:
         log_private_metrics: log the training/validation loss of private batches. Off by default: those
             aggregates are not differentially private. Turning it on is a declared leak.
         clipping: how per-example gradient norms and the clipped sum are computed (same result):
-            ``fast`` (ghost or instantiated norms per Linear layer, whichever is cheaper, and book-keeping:
-            no per-example gradients where they are not needed), ``ghost`` (ghost norms for every Linear
-            layer), ``hooks`` (Opacus's per-example gradients for every layer).
+            ``fast`` (ghost or instantiated norms per Linear layer or convolution, whichever is cheaper, and
+            book-keeping: no per-example gradients where they are not needed), ``ghost`` (ghost norms for
+            every Linear layer and convolution), ``hooks`` (Opacus's per-example gradients for every layer).
         prior: releases on the same private set that this run depends on (:class:`PriorRelease`), composed
             into every epsilon: sigma is calibrated so that they and this run together spend ``epsilon``, and
             the reported epsilon is theirs and this run's together.

@@ -68,3 +68,22 @@ def test_fast_mode_keeps_no_tensors_outside_a_step_and_refuses_unknown_layers():
 def test_unknown_clipping_mode_names_the_field():
     with pytest.raises(ConfigError, match="privacy.init_args.clipping"):
         DifferentialPrivacy(clipping="fastest")
+
+
+def test_full_scope_convolutions_are_clipped_without_per_example_gradients(monkeypatch):
+    """k x k convolutions take the Linear path (unfolded patches; ghost norms where cheaper), not Opacus's
+    per-example conv gradients: with that sampler gone, ``fast`` still gives ``hooks``' update."""
+    from opacus.grad_sample import GradSampleModule
+
+    model = make_model(2, "full")
+    expected = dp_update(model, make_engine(model, 7, sigma=0.5, clip=0.05, physical=4), batch(7), 2)
+
+    def refuse(*args):
+        raise AssertionError("Opacus's per-example conv gradients were instantiated")
+
+    monkeypatch.setitem(GradSampleModule.GRAD_SAMPLERS, torch.nn.Conv2d, refuse)
+    model = make_model(2, "full")
+    convs = [m for m in model.unet.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)]
+    assert any(p.requires_grad for m in convs for p in m.parameters())
+    update = dp_update(model, make_engine(model, 7, sigma=0.5, clip=0.05, clipping="fast", physical=4), batch(7), 2)
+    torch.testing.assert_close(update, expected, rtol=1e-4, atol=1e-7)

@@ -49,15 +49,16 @@ def test_sigkill_mid_epoch_then_ckpt_path_last_resumes_to_the_same_steps_and_eps
     assert report["privacy/epsilon"] <= 8.0
 
 
-@pytest.mark.parametrize("clipping", ["fast", "hooks"])
-def test_a_non_finite_example_is_zeroed_and_counted(clipping):
-    """An example whose gradient is NaN contributes nothing: the update is the one with its loss weighted 0."""
+@pytest.mark.parametrize("clipping, kind", [("fast", "attention"), ("hooks", "attention"), ("fast", "full")])
+def test_a_non_finite_example_is_zeroed_and_counted(clipping, kind):
+    """An example whose gradient is NaN contributes nothing: the update is the one with its loss weighted 0
+    (``full``: the k x k convolutions' clipped sums too)."""
     data = batch(6)
     poisoned = {k: v.clone() for k, v in data.items()}
     poisoned["image"][2] = float("nan")
     updates = {}
     for name, d in (("poisoned", poisoned), ("weighted 0", data)):
-        model = make_model(1)
+        model = make_model(1, kind)
         engine = make_engine(model, 6, sigma=0.0, clip=0.5, clipping=clipping, physical=4)
         if name == "weighted 0":
             model.per_example_loss = _zero_weight_first_chunk_row(model.per_example_loss, 2)
