@@ -10,8 +10,8 @@ import torch
 from tests.privacy.common import batch, data, dp_model, dp_update, make_engine, make_model, trainer
 
 
-def bf16_update(clipping, sigma=0.0, clip=0.05, n=6):
-    model = make_model(noise_draws=2)
+def bf16_update(clipping, sigma=0.0, clip=0.05, n=6, kind="attention"):
+    model = make_model(noise_draws=2, kind=kind)
     engine = make_engine(model, n, sigma=sigma, clip=clip, clipping=clipping, physical=4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         update = dp_update(model, engine, batch(n), noise_draws=2)
@@ -19,12 +19,13 @@ def bf16_update(clipping, sigma=0.0, clip=0.05, n=6):
     return update
 
 
-@pytest.mark.parametrize("clipping", ["fast", "ghost", "hooks"])
-def test_bf16_step_clips_in_fp32_and_matches_the_per_example_gradient_path(clipping):
-    update = bf16_update(clipping)
+@pytest.mark.parametrize("clipping, kind", [("fast", "attention"), ("ghost", "attention"), ("hooks", "attention"),
+                                            ("fast", "full")])
+def test_bf16_step_clips_in_fp32_and_matches_the_per_example_gradient_path(clipping, kind):
+    update = bf16_update(clipping, kind=kind)
     assert update.dtype == torch.float32 and torch.isfinite(update).all() and update.abs().max() > 0
     assert update.norm() <= 6 * 0.05 / 6 * (1 + 1e-5)  # ||sum of clipped|| / B <= n C / B, in fp32
-    torch.testing.assert_close(update, bf16_update("hooks"), rtol=2e-2, atol=1e-5)
+    torch.testing.assert_close(update, bf16_update("hooks", kind=kind), rtol=2e-2, atol=1e-5)
 
 
 @pytest.mark.parametrize("accelerator", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
