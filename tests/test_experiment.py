@@ -2,6 +2,8 @@
 
 import json
 import os
+import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -322,3 +324,12 @@ def test_results_run_to_their_own_folder_are_timed_by_the_committed_ones(tmp_pat
     experiment.main(["--size", "digits", "--seeds", "1", "--methods", "nonprivate", "--public", "public",
                      "--results", "staging", "--doc", "staging/results.md"])
     assert "1 run to go (nonprivate 1), 0 done; about 1.5 h here" in capsys.readouterr().out
+
+
+def test_the_committed_report_is_what_its_result_files_render(tmp_path):
+    """docs/results.md is generated: edits belong in docs/results/discussion.md (the hand-written part) or the
+    result files, else the next ``dpldm experiment`` re-render silently drops them."""
+    committed = Path(__file__).resolve().parents[1] / "docs"
+    shutil.copytree(committed / "results", tmp_path / "results", ignore=shutil.ignore_patterns("*.png"))
+    render(str(tmp_path / "results"), str(tmp_path / "results.md"))
+    assert (tmp_path / "results.md").read_text() == (committed / "results.md").read_text()
