@@ -12,8 +12,9 @@ gradient is G_i = g_i^T a_i. Two ways to get what clipping needs:
 A convolution is a Linear layer over its output positions: 1x1 convolutions (proj_in/proj_out of the
 transformer blocks) over H W tokens of C channels, a k x k convolution over H' W' tokens of its unfolded input
 patches (im2col, C k k values each; the weight viewed as [C_out, C k k]), so the full UNet's convolutions are
-clipped the same way, without Opacus's per-example [n, C_out, C k k] gradients (Bu et al., 2022, Sec. 3 treat
-convolutions so). The unfolded patches are made again for the clipped sum, not kept. Other trained layers
+clipped the same way, without Opacus's per-example [n, C_out, C k k] gradients (as in Bu et al., 2022, mixed
+ghost clipping for convolutions); their clipped sum is the convolution's own weight-gradient kernel applied to
+the clipped output gradients, so the unfolded patches are not kept. Other trained layers
 (GroupNorm, LayerNorm, grouped convolutions, Embedding) have few parameters: their per-example gradients come
 from Opacus's grad samplers. The K noise draws of one
 example are its adjacent rows: they are joined into one sequence (Linear) or summed (others), so the
@@ -168,7 +169,7 @@ class BookKeepingClipper:
             sq = per_example.pow(2).sum((1, 2))
         unfolded = isinstance(m, nn.Conv2d) and not _is_pointwise_conv(m)
         if unfolded or per_example is not None:
-            a = None  # k x k patches are 9x the input: not kept across layers
+            a = None  # not needed for the sum (k x k patches are 9x the input: not kept across layers)
         if bias:
             sq = sq + g.sum(1).pow(2).sum(1)
 
