@@ -10,6 +10,8 @@ import os
 import lightning.pytorch as L
 from lightning.pytorch.utilities import rank_zero_info
 
+from dpldm.privacy.settings import prior_releases
+
 
 class PrivacyMonitor(L.Callback):
     """Logs ``privacy/*`` whenever Lightning writes logs (every ``trainer.log_every_n_steps`` optimizer
@@ -51,8 +53,7 @@ class PrivacyMonitor(L.Callback):
                        f"({dp.settings.accountant.upper()}), sigma = {r['privacy/noise_multiplier']:.4g}, "
                        f"q = {r['privacy/sample_rate']:.4g}, steps = {int(r['privacy/steps'])}, "
                        f"C = {dp.settings.max_grad_norm}"
-                       + (f"; with {len(dp.accountant.prior)} prior release"
-                          f"{'s' * (len(dp.accountant.prior) != 1)} (epsilon = "
+                       + (f"; with {prior_releases(len(dp.accountant.prior))} (epsilon = "
                           f"{prior_epsilon:.3g} alone) composed in" if dp.accountant.prior else "")
                        + ("; segments (sigma, q, steps): " + ", ".join(f"({s:.4g}, {q:.4g}, {t})" for s, q, t
                                                                      in dp.accountant.history)

@@ -7,6 +7,7 @@ import glob
 import os
 
 from dpldm.privacy.accounting import PrivacyAccountant
+from dpldm.privacy.settings import prior_releases
 from dpldm.runs import rebased
 from dpldm.utils.files import files_digest
 
@@ -123,9 +124,8 @@ def model_card(name: str, model: object, privacy: dict | None, cfg: dict, run_di
                 ("noise draws K", f"{model.noise_draws} (the K losses of an example averaged, then clipped once)"),
                 ("trained", f"{scope} scope: {trained:.1%} of the parameters (the rest frozen, public)")]
         if dp.prior:  # declared releases this model depends on (a search's runs): already inside ε above
-            alone = PrivacyAccountant(dp.accountant, privacy["privacy/delta"], dp.prior_segments()).epsilon()
-            n = len(dp.prior)
-            rows.insert(1, ("composed with", f"{n} prior release{'s' * (n != 1)} on the same images (ε = {alone:.3g} "
+            alone = PrivacyAccountant(dp.accountant, privacy["privacy/delta"], dp.prior_segments()).prior_epsilon()
+            rows.insert(1, ("composed with", f"{prior_releases(len(dp.prior))} on the same images (ε = {alone:.3g} "
                             "alone; σ, q, T: " + ", ".join(f"({r.noise_multiplier:.4g}, {r.sample_rate:.4g}, "
                                                              f"{r.steps})" for r in dp.prior) + ")"))
         body = [f"# {name}: a differentially private latent diffusion model", "",

@@ -177,10 +177,9 @@ class BookKeepingClipper:
             cg = g if keep is None else _zero_rows(g, keep)
             cg = cg * c[:, None, None]  # [n, T', d_out]
             out = {}
-            if weight and per_example is not None:  # sum_i c_i G_i
-                ce = c if keep is None else torch.where(keep, c, 0.0)
-                out[m.weight] = torch.einsum("n,nij->ij", ce, _zero_rows(per_example, keep) if keep is not None
-                                             else per_example).view_as(m.weight)
+            if weight and per_example is not None:  # sum_i c_i G_i (c_i = 0 where not kept)
+                ge = per_example if keep is None else _zero_rows(per_example, keep)
+                out[m.weight] = torch.einsum("n,nij->ij", c, ge).view_as(m.weight)
             elif weight and unfolded:  # the convolution's weight gradient for output gradients c_i g_i
                 r = x.shape[0] // n  # rows per example (K noise draws, adjacent)
                 xr = x.to(dtype) if keep is None else _zero_rows(x.to(dtype), keep.repeat_interleave(r))

@@ -12,7 +12,8 @@ One logical step over a Poisson batch of n examples (expected size B = qN):
 
 ``clipping: fast`` (default) and ``ghost`` get norms and the clipped sum from layer inputs and output
 gradients (dpldm.privacy.clipping: ghost norms, book-keeping), never materialising per-example gradients
-of Linear layers and convolutions where ghost norms are cheaper; ``hooks`` uses Opacus's per-example gradients of every layer. All give the same update.
+of Linear layers and convolutions where ghost norms are cheaper; ``hooks`` uses Opacus's per-example
+gradients of every layer. All give the same update.
 Only the trained modules get any per-sample work.
 """
 
@@ -33,7 +34,7 @@ from dpldm.privacy.accounting import PrivacyAccountant, calibrate_noise, epsilon
 from dpldm.privacy.clipping import BookKeepingClipper, SummedGradDPOptimizer, full_precision
 from dpldm.privacy.distributed import GlobalBatchNoise
 from dpldm.privacy.sampling import poisson_loader
-from dpldm.privacy.settings import FIELD, DifferentialPrivacy, PrivacyPlan
+from dpldm.privacy.settings import FIELD, DifferentialPrivacy, PrivacyPlan, prior_releases
 
 # Opacus's backward hooks on the first trained layer, whose inputs need no gradient: expected, harmless.
 warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
@@ -154,7 +155,7 @@ class DPSGDEngine:
         target = f"target epsilon = {s.epsilon:g}" if s.epsilon is not None else "no epsilon target"
         resumed = f", {done} already taken" if done else ""
         if s.prior:  # what the declared releases spent, composed before this run's first step
-            resumed += (f", after {len(s.prior)} prior release{'s' * (len(s.prior) != 1)} "
+            resumed += (f", after {prior_releases(len(s.prior))} "
                         f"(epsilon = {self.accountant.prior_epsilon():.4g})")
         return (f"DP-SGD plan: N = {p.num_samples:,}, expected batch B = {p.expected_batch_size:,} (Poisson, q = "
                 f"{p.sample_rate:.4g}), T = {p.planned_steps:,} steps{resumed}, {sigma}, {target} at delta = "

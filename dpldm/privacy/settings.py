@@ -12,6 +12,11 @@ from dpldm.privacy.accounting import AccountantKind
 FIELD = "model.init_args.privacy.init_args"
 
 
+def prior_releases(n: int) -> str:
+    """'1 prior release', '4 prior releases': how every report names the declared releases."""
+    return f"{n} prior release{'s' * (n != 1)}"
+
+
 @dataclass(frozen=True)
 class PriorRelease:
     """DP-SGD steps spent on the same private training set before this run, by a release this run depends on:
