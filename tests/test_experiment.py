@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 
 from dpldm.commands import experiment
 from dpldm.commands.experiment import METHODS, method_overrides
@@ -230,6 +231,8 @@ def test_mnist_builds_its_own_public_stages_with_the_handwriting_overlay(tmp_pat
     public = mnist["public"]
     assert public["config"] == "mnist/public" and public["ldm"]["data"]["init_args"]["elastic"] > 0
     assert public["autoencoder"]["trainer"]["max_epochs"] > 1  # stage 1 trained to convergence, not the quickstart's 1
+    with open(os.path.join(experiment.CONFIGS, "quickstart", "ldm.yaml")) as f:  # stage 2 past the quickstart's epochs
+        assert public["ldm"]["trainer"]["max_epochs"] > yaml.safe_load(f)["trainer"]["max_epochs"]
     assert "public" not in digits and size.public == "runs/mnist/public"
     with open(os.path.join(experiment.CONFIGS, "mnist", "finetune.yaml")) as f:  # a plain `dpldm fit` finds them
         assert f.read().count(f"{size.public}/") == 3
