@@ -113,6 +113,7 @@ def plot(record: dict, path: str) -> None:
         ax.set_title(f"{name} ({better})", fontsize=9)
         ax.grid(alpha=0.3)
     axes[0].set_ylim(0, 1)
+    axes[1].set_yscale("log")  # distances span 1-50: from-scratch rows would flatten the fine-tunes on a linear axis
     handles, labels = axes[0].get_legend_handles_labels()  # below both panels: the curves stay visible
     rows = -(-len(labels) // 3)
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)
