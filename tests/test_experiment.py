@@ -10,11 +10,12 @@ import pytest
 import torch
 import yaml
 
-from dpldm.commands import experiment
+from dpldm.commands import experiment, quickstart
 from dpldm.commands.experiment import METHODS, method_overrides
 from dpldm.commands.experiment_report import render
 from dpldm.modules import build_unet, load_unet
-from tests.conftest import TINY_UNET
+from dpldm.utils.files import files_digest
+from tests.conftest import AE, TINY_UNET, tiny_args
 
 AE_ARG = "--model.init_args.autoencoder.init_args.vae.init_args.path"
 
@@ -262,8 +263,8 @@ def test_each_dp_method_runs_at_its_own_public_clipping_norm(tmp_path, monkeypat
 
 
 def test_a_rebuilt_public_stage_starts_the_results_over(tmp_path, monkeypatch, capsys):
-    """Rows of one result file come from one build of the public stages: the same configs rebuilt give other
-    weights (and rows that move by a seed's spread), so a resume on other weights must not mix them in."""
+    """Rows of one result file come from one build of the public stages: other public weights move rows by a
+    seed's spread, so a resume on other weights must not mix them in."""
     calls = []
 
     def fake_stage(name, config, overrides, ceiling=True):
@@ -289,6 +290,22 @@ def test_a_rebuilt_public_stage_starts_the_results_over(tmp_path, monkeypatch, c
     assert "public_build differ" in capsys.readouterr().out
     record = json.loads((tmp_path / "results" / "digits.json").read_text())
     assert len(record["rows"]) == 1 and record["public_build"] == experiment.public_build(str(public))
+
+
+def test_the_public_stages_rebuild_to_the_same_weights_and_another_seed_does_not(tmp_path):
+    """A clean clone resumes a committed result file only if its public build comes back bit-identical: the same
+    configs and seed on the same machine and torch must give the same exported weights (on CPU: the glyphs are
+    rendered from per-sample seeds, the fits seeded by ``seed_everything``). Another seed must not, or the digest
+    would say nothing."""
+    steps = [f"--override={stage}:{arg}" for stage in (AE, "ldm") for arg in (
+        "--trainer.fast_dev_run=false", "--trainer.max_steps=3", "--trainer.limit_val_batches=1", "--trainer.logger=false")]
+    builds = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        out = tmp_path / name
+        quickstart.main([*tiny_args(out), *steps, f"--override={AE}:--seed_everything={seed}", "--stages", AE, "ldm"])
+        builds[name] = experiment.public_build(str(out))
+    assert builds["a"] == builds["b"] != builds["c"]
+    assert builds["a"] != files_digest([])  # the digest read weights
 
 
 def test_the_time_estimate_scales_earlier_runs_to_the_new_budget_and_names_untimed_methods():

@@ -141,8 +141,11 @@ def public_overlays(configs: str, size: Size) -> dict[str, str]:
 
 
 def public_build(public: str) -> str:
-    """A digest of the public stages' exported weights: two builds from the same configs differ (a rebuilt stage
-    moved a Fashion-MNIST row by 2 points), so a result file resumes only on the build its rows came from."""
+    """A digest of the public stages' exported weights; a result file resumes only on the build its rows came from.
+
+    The same configs, code and torch rebuild bit-identical weights on CPU (MNIST's 0293210e came back from a fresh
+    clone), so a clean clone resumes a committed file; anything upstream that moves the weights (code, fonts, the
+    torch build) moved a Fashion-MNIST row by 2 points once, and starts the file over instead of mixing builds."""
     files = sorted(os.path.join(root, name) for stage in PUBLIC_STAGES
                    for root, _, names in os.walk(os.path.join(public, stage, "pretrained")) for name in names
                    if name.endswith((".safetensors", ".bin", ".pt")))
