@@ -12,6 +12,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
 METRICS = {"test/downstream_acc": ("downstream accuracy", "higher is better"),
            "test/fid_glyph": ("FID-style distance (glyph features)", "lower is better")}
@@ -19,6 +20,7 @@ LABELS = {"attention": "DP fine-tune, attention only (DP-LDM)",
           "lora": "DP fine-tune, LoRA on the attention projections (DP-LoRA)", "full": "DP fine-tune, full UNet",
           "scratch": "DP from scratch (no pretraining)", "nonprivate": "non-private fine-tune, attention (ceiling)",
           "public_model": "public LDM, no private step"}
+PLAIN = FuncFormatter(lambda value, _: f"{value:g}")  # log-axis ticks as plain numbers
 DP_METHODS = ("attention", "lora", "full", "scratch")
 COLORS = {"attention": "tab:blue", "lora": "tab:orange", "full": "tab:green", "scratch": "tab:red"}
 ORDER = ("mnist", "fashion", "digits")  # the report's sections
@@ -109,11 +111,16 @@ def plot(record: dict, path: str) -> None:
                 ax.plot([1, 10], [at1 / 100, at10 / 100], ls="--", lw=0.8, marker="x", color=color,
                         label=f"{method} (published)")
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(PLAIN)  # 1, 10 rather than 10^0, 10^1
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("ε")
         ax.set_title(f"{name} ({better})", fontsize=9)
         ax.grid(alpha=0.3)
     axes[0].set_ylim(0, 1)
     axes[1].set_yscale("log")  # distances span 1-50: from-scratch rows would flatten the fine-tunes on a linear axis
+    axes[1].yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))  # 1, 2, 5, 10, 20, 50
+    axes[1].yaxis.set_major_formatter(PLAIN)
+    axes[1].yaxis.set_minor_formatter(NullFormatter())
     handles, labels = axes[0].get_legend_handles_labels()  # below both panels: the curves stay visible
     rows = -(-len(labels) // 3)
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)
