@@ -111,7 +111,8 @@ def plot(record: dict, path: str) -> None:
                 ax.plot([1, 10], [at1 / 100, at10 / 100], ls="--", lw=0.8, marker="x", color=color,
                         label=f"{method} (published)")
         ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(PLAIN)  # 1, 10 rather than 10^0, 10^1
+        ax.set_xticks(sorted({r["epsilon"] for r in record["rows"] if r["epsilon"] is not None}))  # the ε measured
+        ax.xaxis.set_major_formatter(PLAIN)  # 1, 5, 10 rather than 10^0, 10^1
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("ε")
         ax.set_title(f"{name} ({better})", fontsize=9)
