@@ -55,12 +55,17 @@ def upgrade(record: dict) -> dict:
     return record
 
 
-def _cell(values: list[float], digits: int = 3) -> str:
+def _cell(values: list[float], percent: bool = False) -> str:
+    """Mean ± sd to 3 decimals; as a percentage, the same rounded figures times 100 (so 0.814 reads 81.4)."""
     if not values:
         return "–"
+
+    def fmt(v: float) -> str:
+        return f"{round(100 * float(f'{v:.3f}'), 1):.1f}" if percent else f"{v:.3f}"
+
     if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{mean(values):.{digits}f} ± {stdev(values):.{digits}f}"
+        return fmt(values[0])
+    return f"{fmt(mean(values))} ± {fmt(stdev(values))}"
 
 
 def table(record: dict, key: str) -> list[str]:
@@ -147,13 +152,14 @@ def published_table(record: dict) -> list[str]:
     lines = ["**Beside the published table** (DPImageBench, CCS 2025; downstream accuracy %, δ = 1e-5):", "",
              "| method | ε = 1 | ε = 10 |", "|---|---|---|"]
     for method in DP_METHODS:
-        cells = [_cell([100 * r[key] for r in rows if r["method"] == method and r["epsilon"] == e and key in r], 1)
+        cells = [_cell([r[key] for r in rows if r["method"] == method and r["epsilon"] == e and key in r], percent=True)
                  for e in (1.0, 10.0)]
         if any(c != "–" for c in cells):
             lines.append(f"| **dpldm: {LABELS[method]}** | " + " | ".join(cells) + " |")
     public = public_value(record, key)
     if public is not None:
-        lines.append(f"| dpldm: {LABELS['public_model']} (ε = 0) | {100 * public:.1f} | {100 * public:.1f} |")
+        cell = _cell([public], percent=True)
+        lines.append(f"| dpldm: {LABELS['public_model']} (ε = 0) | {cell} | {cell} |")
     lines += [f"| {method} (published) | {at1:.1f} | {at10:.1f} |" for method, (at1, at10) in PUBLISHED[record["size"]].items()]
     return lines + ["", "Protocol differences: DPImageBench's classifier is the mean of ResNet, WRN and ResNeXt trained "
                     "on 60,000 samples; ours is one small CNN (3 conv blocks) trained on the number of samples in the "
