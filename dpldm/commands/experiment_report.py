@@ -61,7 +61,7 @@ def _cell(values: list[float], percent: bool = False) -> str:
         return "–"
 
     def fmt(v: float) -> str:
-        return f"{round(100 * float(f'{v:.3f}'), 1):.1f}" if percent else f"{v:.3f}"
+        return f"{100 * float(f'{v:.3f}'):.1f}" if percent else f"{v:.3f}"
 
     if len(values) == 1:
         return fmt(values[0])
