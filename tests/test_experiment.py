@@ -265,6 +265,20 @@ def test_each_dp_method_runs_at_its_own_public_clipping_norm(tmp_path, monkeypat
         assert settings["privacy"]["max_grad_norm"] == 0.1 and settings["clip_norms"]["full"] < 1.0
 
 
+def test_fashion_runs_mnists_recipe_on_mnists_public_stages():
+    """configs/fashion/ holds MNIST's recipe unchanged (chosen on MNIST, nothing tuned on Fashion-MNIST): the
+    settings a result file records are the same for both sets, only the private data and its cache differ."""
+    mnist, fashion = (experiment.finetune_settings(experiment.CONFIGS, experiment.SIZES[k]) for k in ("mnist", "fashion"))
+    assert fashion == mnist and fashion["batch_size"] == 2048 and fashion["recipe"]["max_steps"] == 256
+    configs = {}
+    for size in ("mnist", "fashion"):
+        with open(os.path.join(experiment.CONFIGS, size, "finetune.yaml")) as f:
+            configs[size] = yaml.safe_load(f)
+    assert configs["fashion"]["model"] == configs["mnist"]["model"]
+    assert configs["fashion"]["data"]["init_args"]["source"]["class_path"].endswith("FashionMNISTDataModule")
+    assert configs["fashion"]["data"]["init_args"]["cache_dir"] != configs["mnist"]["data"]["init_args"]["cache_dir"]
+
+
 def test_a_rebuilt_public_stage_starts_the_results_over(tmp_path, monkeypatch, capsys):
     """Rows of one result file come from one build of the public stages: other public weights move rows by a
     seed's spread, so a resume on other weights must not mix them in."""
