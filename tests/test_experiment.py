@@ -344,6 +344,11 @@ def test_the_time_estimate_scales_earlier_runs_to_the_new_budget_and_names_untim
     minutes, untimed = experiment.estimate_minutes(plan, record, (earlier,))
     assert minutes == pytest.approx(2 * (2 * 900 + 300) / 60 + 60) and untimed == []
     assert experiment._eta(plan, {"rows": []}, ()) == "no earlier run of this size to time it by"
+    # rows at the same recipe (another size's, same settings and budget) beat scaled ones of another recipe
+    record["rows"], twin = [], {"budget": record["budget"], "settings": record["settings"],
+                                "rows": [{"method": "attention", "seconds": 1500.0}]}
+    minutes, untimed = experiment.estimate_minutes(plan, record, (earlier, twin))
+    assert minutes == pytest.approx((2 * 1500 + 2 * 300) / 60) and untimed == ["full"]
 
 
 def test_results_run_to_their_own_folder_are_timed_by_the_committed_ones(tmp_path, monkeypatch, capsys):
@@ -361,6 +366,29 @@ def test_results_run_to_their_own_folder_are_timed_by_the_committed_ones(tmp_pat
     experiment.main(["--size", "digits", "--seeds", "1", "--methods", "nonprivate", "--public", "public",
                      "--results", "staging", "--doc", "staging/results.md"])
     assert "1 run to go (nonprivate 1), 0 done; about 1.5 h here" in capsys.readouterr().out
+
+
+def test_a_size_is_timed_by_another_sizes_runs_at_the_same_recipe(tmp_path, monkeypatch, capsys):
+    """Fashion-MNIST runs MNIST's recipe: MNIST's committed rows time its runs better than its own rows of an
+    older recipe scaled by steps x batch (the full UNet's cost does not scale linearly with the batch)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(experiment, "run_stage", lambda name, config, overrides, ceiling=True: SimpleNamespace(
+        seconds=1.0, trained_fraction=None, metrics={"test/downstream_acc": 0.5}, privacy=None))
+    monkeypatch.setattr(experiment, "references", lambda size, args, missing: {
+        k: {"test/downstream_acc": 0.2} if k == "public_model" else 0.9 for k in missing})
+    monkeypatch.setattr(experiment, "public_stages", lambda size, args: None)
+    monkeypatch.setattr(experiment, "public_build", lambda path: "build")
+    settings = experiment.finetune_settings(experiment.CONFIGS, experiment.SIZES["fashion"])
+    results = tmp_path / "docs" / "results"
+    results.mkdir(parents=True)
+    rows = lambda seconds: [{"method": "full", "seconds": seconds}]  # noqa: E731
+    (results / "fashion.json").write_text(json.dumps({"budget": [], "settings": {**settings, "batch_size": 1024},
+                                                      "rows": rows(9000.0)}))  # an older recipe: x 2 = 5 h
+    (results / "mnist.json").write_text(json.dumps({"budget": [], "settings": settings, "rows": rows(3600.0)}))
+    (results / "digits.json").write_text(json.dumps({"budget": [], "settings": {}, "rows": rows(60.0)}))
+    experiment.main(["--size", "fashion", "--seeds", "1", "--epsilons", "1", "--methods", "full",
+                     "--results", "staging", "--doc", "staging/results.md"])
+    assert "1 run to go (full 1), 0 done; about 1.0 h here" in capsys.readouterr().out
 
 
 def test_the_committed_report_is_what_its_result_files_render(tmp_path):

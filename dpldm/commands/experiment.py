@@ -202,16 +202,24 @@ def examples_budget(record: dict) -> int | None:
     return steps * batch if steps and batch else None
 
 
+def _same_recipe(rec: dict, record: dict) -> bool:
+    """Whether two result files' runs do the same work: same recorded settings (model, recipe, public stages,
+    metrics) and the same overrides. MNIST and Fashion-MNIST share one recipe, so each times the other."""
+    return all(rec.get(k) == record.get(k) for k in ("settings", "budget"))
+
+
 def estimate_minutes(plan: list[tuple], record: dict, earlier: tuple[dict, ...] = ()) -> tuple[float, list[str]]:
-    """Wall minutes the runs of ``plan`` should take here, from the seconds each method took in the rows of
-    ``record`` and of ``earlier`` result files of the size (scaled by their steps x batch: a start-over after a
-    budget change still knows the machine), and the methods of ``plan`` no row has timed (not counted)."""
-    work, per_method = examples_budget(record), {}
+    """Wall minutes the runs of ``plan`` should take here, and the methods of ``plan`` no row has timed (not
+    counted). A method is timed by its rows at ``record``'s settings and budget (its own rows, or another size's
+    at the same recipe: same model, same work) where there are any; else by the rows of ``earlier`` result files
+    scaled by their steps x batch (a start-over after a budget change still knows the machine)."""
+    work, same, scaled = examples_budget(record), {}, {}
     for rec in (record, *earlier):
+        exact = rec is record or _same_recipe(rec, record)
         scale = work / examples_budget(rec) if work and examples_budget(rec) else 1.0
         for row in rec.get("rows", ()):
-            per_method.setdefault(row["method"], []).append(row["seconds"] * scale)
-    mean = {m: sum(s) / len(s) for m, s in per_method.items()}
+            (same if exact else scaled).setdefault(row["method"], []).append(row["seconds"] * (1.0 if exact else scale))
+    mean = {m: sum(s) / len(s) for m, s in (scaled | same).items()}
     untimed = sorted({m for m, _, _ in plan} - set(mean))
     return sum(mean.get(m, 0.0) for m, _, _ in plan) / 60, untimed
 
@@ -295,10 +303,12 @@ def main(argv: list[str] | None = None) -> dict:
             earlier = (old,)
             changed = ", ".join(key for key, ok in same.items() if not ok)
             print(f"{path}: its {changed} differ from this run's; starting the size's results over", flush=True)
-    committed = os.path.join(p.get_default("results"), f"{args.size}.json")  # results run to a folder of their own
-    if os.path.abspath(committed) != os.path.abspath(path) and os.path.exists(committed):
-        with open(committed) as f:
-            earlier += (json.load(f),)
+    for other in SIZES:  # the committed results (of a folder of their own; of another size at the same recipe)
+        committed = os.path.join(p.get_default("results"), f"{other}.json")
+        if os.path.abspath(committed) != os.path.abspath(path) and os.path.exists(committed):
+            with open(committed) as f:
+                rec = json.load(f)
+            earlier += (rec,) if other == args.size or _same_recipe(rec, record) else ()
     done = {(r["method"], r["epsilon"], r["seed"]) for r in record["rows"]}
     # Seed-major: every method and epsilon once before the second seed (an interrupted run is still a comparison).
     plan = [(m, e, s) for s in range(seeds) for m in args.methods
