@@ -145,7 +145,7 @@ def test_sample_command_on_a_class_conditional_run(quickstart_run, tmp_path, cap
     assert "classes are 0..9" in user_error(capsys, ["sample", str(run), "--labels", "12", "--out", str(tmp_path)])
 
 
-def test_evaluate_command_scores_a_checkpoint(quickstart_run, tmp_path):
+def test_evaluate_command_scores_a_checkpoint(quickstart_run, tmp_path, capsys):
     import json
 
     from dpldm.cli import main
@@ -169,11 +169,16 @@ def test_evaluate_command_scores_a_checkpoint(quickstart_run, tmp_path):
         epochs: 1
     sampling: {{num_steps: 2}}
 """)
-    main(["evaluate", str(run), "--metrics", str(metrics), "--out", str(tmp_path / "eval.json")])
+    main(["evaluate", str(run), "--metrics", str(metrics), "--out", str(tmp_path / "eval.json"), "--per-class"])
     report = json.loads((tmp_path / "eval.json").read_text())
     assert 0 <= report["test/downstream_acc"] <= 1 and report["test/fid_glyph"] > 0 and report["val/fid_glyph"] > 0
+    per_class = [report[f"test/downstream_acc/class_{k}"] for k in range(10)]  # a class absent from 60 images: NaN
+    assert all(0 <= a <= 1 for a in per_class if a == a) and "test/downstream_acc/class_10" not in report
     assert report["privacy/epsilon"] > 0 and report["checkpoint"].endswith(".ckpt")  # the weights' epsilon with it
     assert (tmp_path / "glyphs.pt").exists()  # the public feature extractor, trained once and kept
+    fid_only = tmp_path / "fid.yaml"
+    fid_only.write_text("- class_path: dpldm.callbacks.FID" + metrics.read_text().split("dpldm.callbacks.FID")[1])
+    assert "--per-class" in user_error(capsys, ["evaluate", str(run), "--metrics", str(fid_only), "--per-class"])
 
 
 def test_summary_reports_metrics_and_the_labelled_ceiling():

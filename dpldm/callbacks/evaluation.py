@@ -233,17 +233,20 @@ class DownstreamAccuracy(SampleMetric):
         image_size: score at this side (samples and real images resized, antialiased), e.g. 28 for the MNIST
             family as DPImageBench scores it; ``None``: the model's output size.
         width: channel width of the classifier (:class:`~dpldm.metrics.downstream.SmallCNN`).
+        per_class: also log the accuracy on each class's real images, ``<split>/downstream_acc/class_<k>``: which
+            classes the generator draws badly (a diagnostic; the headline number stays the overall accuracy).
     """
 
     name = "downstream_acc"
 
     def __init__(self, num_samples: int = 5000, epochs: int = 10, test_samples: int | None = None,
                  every_n_epochs: int = 0, sampling: SampleSettings | None = None, splits: list[str] | None = None,
-                 image_size: int | None = None, width: int = 32):
+                 image_size: int | None = None, width: int = 32, per_class: bool = False):
         super().__init__(num_samples, every_n_epochs, sampling, splits)
         if image_size is not None and image_size < 8:
             raise ConfigError("DownstreamAccuracy.image_size", image_size, "must be >= 8 (the classifier pools 3 times)")
         self.epochs, self.test_samples, self.image_size, self.width = epochs, test_samples, image_size, width
+        self.per_class = per_class
 
     def resize(self, images: Tensor) -> Tensor:
         """Images [N, C, H, W] at the scoring side."""
@@ -264,7 +267,13 @@ class DownstreamAccuracy(SampleMetric):
                                   + (" without labels" if y is None else ""))
         classifier = downstream.train_classifier(self.resize(images), conds, model.conditioner.num_classes,
                                                  epochs=self.epochs, width=self.width, seed=self.sampling.seed)
-        return {f"{split}/{self.name}": downstream.accuracy(classifier, self.resize(x), y) for split, (x, y) in real.items()}
+        values = {}
+        for split, (x, y) in real.items():
+            values[f"{split}/{self.name}"] = downstream.accuracy(classifier, self.resize(x), y)
+            if self.per_class:
+                per_class = downstream.per_class_accuracy(classifier, self.resize(x), y, model.conditioner.num_classes)
+                values.update({f"{split}/{self.name}/class_{k}": acc for k, acc in enumerate(per_class)})
+        return values
 
 
 class FID(SampleMetric):

@@ -23,13 +23,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--ckpt", help="checkpoint file (default: the run's newest)")
     p.add_argument("--metrics", help="YAML file: a list of metric callbacks (default: those of the run's config)")
     p.add_argument("--num-samples", type=int, help="override every metric's num_samples")
+    p.add_argument("--per-class", action="store_true",
+                   help="downstream accuracy on each class's real images too (which classes the model draws badly)")
     p.add_argument("--out", help="results file (default: RUN/evaluation.json)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p.parse_args(argv)
 
 
 def main(argv: list[str]) -> dict[str, float]:
-    from dpldm.callbacks.evaluation import SampleMetric
+    from dpldm.callbacks.evaluation import DownstreamAccuracy, SampleMetric
     from dpldm.commands.lightning_cli import DPLDMCLI
     from dpldm.runs import load_weights, run_config
 
@@ -43,6 +45,11 @@ def main(argv: list[str]) -> dict[str, float]:
     metrics = [cb for cb in cli.trainer.callbacks if isinstance(cb, SampleMetric)]
     if not metrics:
         raise ConfigError("--metrics", args.metrics, "no metric callback (FID, CLIPScore, DownstreamAccuracy) found")
+    downstream = [m for m in metrics if isinstance(m, DownstreamAccuracy)]
+    if args.per_class and not downstream:
+        raise ConfigError("--per-class", args.metrics or "the run's config", "needs a DownstreamAccuracy metric")
+    for metric in downstream:
+        metric.per_class = metric.per_class or args.per_class
     model = cli.model
     ckpt = load_weights(model, args.run, args.ckpt)
     model = model.to(args.device).eval()

@@ -136,15 +136,29 @@ def train_classifier(
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 512) -> float:
-    """Top-1 accuracy of ``model`` (run in eval mode) on (images [N, C, H, W], labels [N])."""
+def predict(model: nn.Module, images: Tensor, batch_size: int = 512) -> Tensor:
+    """Top-1 classes [N] of ``model`` (run in eval mode) on images [N, C, H, W]."""
     model.eval()
     dev = next(model.parameters()).device
-    correct = 0
+    preds = [torch.zeros(0, dtype=torch.long)]
     for start in range(0, len(images), batch_size):
-        logits = model(images[start:start + batch_size].float().to(dev))  # [b, K]
-        correct += int((logits.argmax(1).cpu() == labels[start:start + batch_size].cpu()).sum())
-    return correct / max(len(images), 1)
+        preds.append(model(images[start:start + batch_size].float().to(dev)).argmax(1).cpu())  # [b]
+    return torch.cat(preds)
+
+
+def accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 512) -> float:
+    """Top-1 accuracy of ``model`` (run in eval mode) on (images [N, C, H, W], labels [N])."""
+    return int((predict(model, images, batch_size) == labels.cpu()).sum()) / max(len(images), 1)
+
+
+def per_class_accuracy(model: nn.Module, images: Tensor, labels: Tensor, num_classes: int,
+                       batch_size: int = 512) -> list[float]:
+    """Top-1 accuracy on the images of each class k < ``num_classes`` (its recall; NaN for a class absent from
+    ``labels``): where a synthetic-trained classifier fails, i.e. which classes the generator draws badly."""
+    pred, labels = predict(model, images, batch_size), labels.cpu()
+    hits = torch.bincount(labels[pred == labels], minlength=num_classes).double()  # [K]
+    counts = torch.bincount(labels, minlength=num_classes).double()  # [K]
+    return (hits / counts).tolist()  # 0/0 = NaN: no images of that class
 
 
 def downstream_accuracy(

@@ -111,6 +111,20 @@ def test_downstream_accuracy_is_at_chance_for_a_generator_that_ignores_labels():
     assert acc["test/downstream_acc"] < 0.5
 
 
+def test_per_class_downstream_accuracy_finds_the_class_a_generator_draws_wrong():
+    class MixesUpThree(FakeGenerator):  # draws class 3 as class 0
+        def sample(self, cond, *args, **kwargs):
+            return super().sample(torch.where(cond == 3, 0, cond), *args, **kwargs)
+
+    metric = DownstreamAccuracy(num_samples=200, epochs=5, per_class=True)
+    acc = metric.evaluate(MixesUpThree(), Quadrants(), step=0)
+    per_class = [acc[f"test/downstream_acc/class_{k}"] for k in range(4)]
+    assert per_class[3] < 0.2 and min(per_class[1:3]) > 0.9  # the mixed-up class, and the others intact
+    assert acc["test/downstream_acc"] == pytest.approx(sum(per_class) / 4, abs=0.02)  # balanced test classes
+    assert "test/downstream_acc/class_0" not in DownstreamAccuracy(num_samples=200, epochs=5).evaluate(
+        MixesUpThree(), Quadrants(), step=0)  # off by default: one number per split
+
+
 def test_downstream_accuracy_scores_at_its_image_size_with_the_sampling_solver(monkeypatch):
     """DPImageBench scores the MNIST family at 28x28: samples and real test images are resized alike before the
     classifier sees them, and the settings' solver reaches the model."""
