@@ -151,12 +151,12 @@ def accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int =
     return int((predict(model, images, batch_size) == labels.cpu()).sum()) / max(len(images), 1)
 
 
-def per_class_accuracy(model: nn.Module, images: Tensor, labels: Tensor, num_classes: int,
-                       batch_size: int = 512) -> list[float]:
+def per_class_accuracy(predictions: Tensor, labels: Tensor, num_classes: int) -> list[float]:
     """Top-1 accuracy on the images of each class k < ``num_classes`` (its recall; NaN for a class absent from
-    ``labels``): where a synthetic-trained classifier fails, i.e. which classes the generator draws badly."""
-    pred, labels = predict(model, images, batch_size), labels.cpu()
-    hits = torch.bincount(labels[pred == labels], minlength=num_classes).double()  # [K]
+    ``labels``), from a classifier's ``predictions`` [N] (:func:`predict`) and the true ``labels`` [N]: where a
+    synthetic-trained classifier fails, i.e. which classes the generator draws badly."""
+    predictions, labels = predictions.cpu(), labels.cpu()
+    hits = torch.bincount(labels[predictions == labels], minlength=num_classes).double()  # [K]
     counts = torch.bincount(labels, minlength=num_classes).double()  # [K]
     return (hits / counts).tolist()  # 0/0 = NaN: no images of that class
 

@@ -10,7 +10,8 @@ from torch.utils.data import DataLoader
 from dpldm.datamodules.base import TensorImageDataset
 from dpldm.errors import ConfigError
 from dpldm.metrics.downstream import (
-    ClassifierFeatures, SmallCNN, accuracy, downstream_accuracy, load_images, per_class_accuracy, train_classifier,
+    ClassifierFeatures, SmallCNN, accuracy, downstream_accuracy, load_images, per_class_accuracy, predict,
+    train_classifier,
 )
 
 FAST = dict(epochs=4, batch_size=64)
@@ -76,11 +77,12 @@ def test_per_class_accuracy_matches_a_brute_force_count(data):
     model = train_classifier(x, y, 4, width=8, seed=0, epochs=1)  # an imperfect classifier: errors to count
     pred = model(xt).argmax(1)
     brute = [sum(int(p == k) for p, t in zip(pred, yt) if t == k) / int((yt == k).sum()) for k in range(4)]
-    got = per_class_accuracy(model, xt, yt, num_classes=4, batch_size=7)  # batches that split classes
+    assert torch.equal(predict(model, xt, batch_size=7), pred)  # batches that split classes
+    got = per_class_accuracy(predict(model, xt), yt, num_classes=4)
     assert got == pytest.approx(brute) and len(set(got)) > 1
     weights = torch.bincount(yt, minlength=4) / len(yt)
     assert float((torch.tensor(got) * weights).sum()) == pytest.approx(accuracy(model, xt, yt))
-    missing = per_class_accuracy(model, xt, yt, num_classes=5)  # a class with no test images: NaN, not 0
+    missing = per_class_accuracy(pred, yt, num_classes=5)  # a class with no test images: NaN, not 0
     assert missing[:4] == pytest.approx(got) and missing[4] != missing[4]
 
 
