@@ -270,7 +270,7 @@ class DownstreamAccuracy(SampleMetric):
         values = {}
         for split, (x, y) in real.items():
             pred = downstream.predict(classifier, self.resize(x))  # [M]
-            values[f"{split}/{self.name}"] = int((pred == y.cpu()).sum()) / max(len(y), 1)
+            values[f"{split}/{self.name}"] = downstream.fraction_correct(pred, y)
             if self.per_class:
                 per_class = downstream.per_class_accuracy(pred, y, model.conditioner.num_classes)
                 values.update({f"{split}/{self.name}/class_{k}": acc for k, acc in enumerate(per_class)})

@@ -148,7 +148,12 @@ def predict(model: nn.Module, images: Tensor, batch_size: int = 512) -> Tensor:
 
 def accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 512) -> float:
     """Top-1 accuracy of ``model`` (run in eval mode) on (images [N, C, H, W], labels [N])."""
-    return int((predict(model, images, batch_size) == labels.cpu()).sum()) / max(len(images), 1)
+    return fraction_correct(predict(model, images, batch_size), labels)
+
+
+def fraction_correct(predictions: Tensor, labels: Tensor) -> float:
+    """The fraction of ``predictions`` [N] (:func:`predict`) equal to ``labels`` [N] (0 for N = 0)."""
+    return int((predictions.cpu() == labels.cpu()).sum()) / max(len(labels), 1)
 
 
 def per_class_accuracy(predictions: Tensor, labels: Tensor, num_classes: int) -> list[float]:
