@@ -35,7 +35,8 @@ def test_report_tables_means_over_seeds_anchors_and_plot(tmp_path):
     record = {"size": "fashion", "label": "Fashion-MNIST", "rows": rows, "real_data_classifier": 0.93, "autoencoder_classifier": 0.71,
               "budget": ["--trainer.max_steps=300"], "minutes": 3.0, "command": "dpldm experiment --size fashion",
               "settings": {"privacy": {"max_grad_norm": 1.0}, "optimizer": {"class_path": "torch.optim.AdamW"},
-                           "batch_size": 128, "metrics": []}}
+                           "batch_size": 128, "metrics": []},
+              "public_build": "0123456789abcdef", "machine": "CPU A, AVX2, 2 threads, torch 2.14.1"}
     (tmp_path / "results").mkdir()
     (tmp_path / "results" / "fashion.json").write_text(json.dumps(record))
     (tmp_path / "results" / "discussion.md").write_text("## Discussion\nhand-written")
@@ -45,6 +46,7 @@ def test_report_tables_means_over_seeds_anchors_and_plot(tmp_path):
     assert "| DP fine-tune, full UNet | 0.400 |" in doc and "(ε = ∞) | 0.900 |" in doc
     assert "scores 0.930" in doc and "reconstructions by the frozen public autoencoder, it scores 0.710" in doc
     assert "86.2% at ε = 10" in doc and "N = 60000" in doc and "hand-written" in doc
+    assert "(3.0 min on CPU A, AVX2, 2 threads, torch 2.14.1; public build 0123456789abcdef;" in doc  # where from
     assert (tmp_path / "results" / "fashion.png").stat().st_size > 10_000
 
 
@@ -298,13 +300,17 @@ def test_a_rebuilt_public_stage_starts_the_results_over(tmp_path, monkeypatch, c
     weights.write_bytes(b"build 1")
     argv = ["--size", "digits", "--seeds", "1", "--methods", "nonprivate", "--public", str(public),
             "--out", str(tmp_path / "runs"), "--results", str(tmp_path / "results"), "--doc", str(tmp_path / "r.md")]
+    monkeypatch.setattr(experiment, "machine", lambda: "CPU A, AVX512, 8 threads")
     experiment.main(argv)
-    experiment.main(argv)  # the same build: nothing to rerun
-    assert calls == ["nonprivate-seed0"]
+    monkeypatch.setattr(experiment, "machine", lambda: "CPU B, AVX2, 2 threads")
+    experiment.main(argv)  # the same build on another machine: nothing to rerun, and no warning
+    assert calls == ["nonprivate-seed0"] and "differ" not in capsys.readouterr().out
     weights.write_bytes(b"build 2")
     experiment.main(argv)
     assert calls == ["nonprivate-seed0", "nonprivate-seed0"]
-    assert "public_build differ" in capsys.readouterr().out
+    out = capsys.readouterr().out  # the refusal names the likely cause: the machine that built the rows' stages
+    assert "public_build differ" in out and "built on: CPU A, AVX512, 8 threads" in out
+    assert "this machine:                   CPU B, AVX2, 2 threads" in out
     record = json.loads((tmp_path / "results" / "digits.json").read_text())
     assert len(record["rows"]) == 1 and record["public_build"] == experiment.public_build(str(public))
 
@@ -323,6 +329,15 @@ def test_the_public_stages_rebuild_to_the_same_weights_and_another_seed_does_not
         builds[name] = experiment.public_build(str(out))
     assert builds["a"] == builds["b"] != builds["c"]
     assert builds["a"] != files_digest([])  # the digest read weights
+
+
+def test_the_machine_names_the_cpu_its_isa_threads_and_torch():
+    """What a result file records of the machine that built its public stages (the floats depend on all four)."""
+    import torch
+
+    text = experiment.machine()
+    assert text.endswith(f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    assert f", {torch.backends.cpu.get_cpu_capability()}, " in text and not text.startswith(",")
 
 
 def test_the_time_estimate_scales_earlier_runs_to_the_new_budget_and_names_untimed_methods():

@@ -143,13 +143,37 @@ def public_overlays(configs: str, size: Size) -> dict[str, str]:
 def public_build(public: str) -> str:
     """A digest of the public stages' exported weights; a result file resumes only on the build its rows came from.
 
-    The same configs, code and torch rebuild bit-identical weights on CPU (MNIST's 0293210e came back from a fresh
-    clone), so a clean clone resumes a committed file; anything upstream that moves the weights (code, fonts, the
-    torch build) moved a Fashion-MNIST row by 2 points once, and starts the file over instead of mixing builds."""
+    The same configs, code and torch rebuild bit-identical weights on the same machine (MNIST's 0293210e came back
+    from a fresh clone on it), not on another one: on 2026-12-07 a fresh AMD EPYC (AVX2, 2 threads) rebuilt it as
+    eaf3bb8d, and the quickstart's 0cf13545 as 8c9b4c7a, from the same configs and torch (the glyphs do not depend
+    on the Pillow, SciPy or NumPy version; float kernels sum in an order set by the CPU and thread count). Anything
+    that moves the weights (code, fonts, the torch build, the machine) moved a Fashion-MNIST row by 2 points once,
+    so it starts the file over instead of mixing builds; ``machine`` says where each file's build came from."""
     files = sorted(os.path.join(root, name) for stage in PUBLIC_STAGES
                    for root, _, names in os.walk(os.path.join(public, stage, "pretrained")) for name in names
                    if name.endswith((".safetensors", ".bin", ".pt")))
     return files_digest(files)
+
+
+def machine() -> str:
+    """This machine as it bears on the float results: CPU model, the ISA torch dispatches to, threads, torch.
+
+    Recorded in each result file beside ``public_build``, so a build that does not come back names the likely
+    cause (the machine that built it against this one) instead of leaving a bare digest mismatch."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            fields = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        cpu = f"{fields['model name']} (family {fields['cpu family']}, model {fields['model']})"
+    except (OSError, KeyError, ValueError):
+        pass
+    capability = torch.backends.cpu.get_cpu_capability()
+    return f"{cpu}, {capability}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def public_stages(size: Size, args: argparse.Namespace) -> None:
@@ -290,7 +314,7 @@ def main(argv: list[str] | None = None) -> dict:
     path = os.path.join(args.results, f"{args.size}.json")
     record = {"size": args.size, "label": size.label, "protocol": size.protocol, "rows": [], **dict.fromkeys(REFERENCES),
               "budget": args.override, "settings": finetune_settings(args.configs, size),
-              "public_build": public_build(args.public),
+              "public_build": public_build(args.public), "machine": machine(),
               "minutes": 0.0, "command": f"dpldm experiment --size {args.size}"}
     earlier: tuple[dict, ...] = ()  # a result file left behind: what its runs cost times the plan
     if os.path.exists(path) and not args.fresh:  # resume: the runs already done, same settings, same public build
@@ -303,6 +327,9 @@ def main(argv: list[str] | None = None) -> dict:
             earlier = (old,)
             changed = ", ".join(key for key, ok in same.items() if not ok)
             print(f"{path}: its {changed} differ from this run's; starting the size's results over", flush=True)
+            if not same["public_build"]:  # same configs, other weights: most often another machine (see public_build)
+                print(f"  its public stages were built on: {old.get('machine', 'a machine it did not record')}\n"
+                      f"  this machine:                   {record['machine']}", flush=True)
     for other in SIZES:  # the committed results (of a folder of their own; of another size at the same recipe)
         committed = os.path.join(p.get_default("results"), f"{other}.json")
         if os.path.abspath(committed) != os.path.abspath(path) and os.path.exists(committed):

@@ -174,8 +174,10 @@ def section(record: dict, image: str) -> list[str]:
     counts = {}
     for r in record["rows"]:
         counts[r["method"]] = counts.get(r["method"], 0) + 1
-    lines = [f"## {record['label']}", "", f"`{record['command']}` ({record['minutes']} min on this machine's CPU; "
-             "runs: " + ", ".join(f"{m} {n}" for m, n in counts.items()) + ").", "", f"![results]({image})", ""]
+    where = f"on {record['machine']}" if record.get("machine") else "on a CPU it did not record"  # before 2026-12-07
+    lines = [f"## {record['label']}", "", f"`{record['command']}` ({record['minutes']} min {where}; public build "
+             f"{record.get('public_build') or 'not recorded'}; runs: "
+             + ", ".join(f"{m} {n}" for m, n in counts.items()) + ").", "", f"![results]({image})", ""]
     for key, (name, better) in METRICS.items():
         lines += [f"**{name}** ({better}; mean ± sd over seeds):", "", *table(record, key), ""]
     if published(record):
